@@ -1,0 +1,162 @@
+"""math-verify in worker processes, with a timeout the caller controls.
+
+math-verify's own timeouts use ``signal.alarm``, which only works in a process's
+main thread, and a pathological expression can keep sympy busy for minutes.  So
+every check runs in a spawn-context :class:`~concurrent.futures.ProcessPoolExecutor`
+(created lazily, ``min(2, cpu_count)`` workers by default).  When a check exceeds
+its timeout, the pool's workers are killed and a fresh pool is created, so a stuck
+worker never hangs the caller; the check returns ``None``.
+
+    math_equal("\\\\frac{1}{2}", "0.5")             # True
+    math_equal_many([("2", "\\\\boxed{3}")])         # [False]
+
+The gold answer is wrapped as ``\\boxed{gold}`` and parsed with LaTeX extraction;
+the prediction is parsed with LaTeX + expression extraction (as verl and TRL do).
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+STARTUP_TIMEOUT_S = 120.0  # spawning a worker and importing sympy is not charged to a check's timeout
+
+_lock = threading.RLock()
+_pool: Optional[cf.ProcessPoolExecutor] = None
+_max_workers: Optional[int] = None
+stats: Dict[str, int] = {"calls": 0, "timeouts": 0, "errors": 0, "pool_restarts": 0}
+
+
+def configure(max_workers: Optional[int] = None) -> None:
+    """Set the number of worker processes (default ``min(2, cpu_count)``); restarts the pool."""
+    global _max_workers
+    with _lock:
+        _max_workers = max_workers
+        shutdown()
+
+
+# ----------------------------------------------------------- worker side
+def _worker_init() -> None:
+    import math_verify  # noqa: F401  (import sympy once per worker, not per check)
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+def _check(gold: str, pred: str, inner_timeout: int) -> Optional[bool]:
+    """Runs in a worker process (main thread, so math-verify's alarms work)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    gold_parsed = parse("\\boxed{" + gold + "}", extraction_config=[LatexExtractionConfig()],
+                        fallback_mode="no_fallback", parsing_timeout=inner_timeout)
+    if not gold_parsed:
+        return None
+    pred_parsed = parse(pred, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                        fallback_mode="no_fallback", parsing_timeout=inner_timeout)
+    if not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=inner_timeout))
+
+
+# ----------------------------------------------------------- caller side
+def _new_pool() -> cf.ProcessPoolExecutor:
+    n = _max_workers or max(1, min(2, os.cpu_count() or 1))
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_worker_init)
+    # start every worker now, so process start-up is not charged to the first check's timeout
+    warm = [pool.submit(_noop) for _ in range(n)]
+    cf.wait(warm, timeout=STARTUP_TIMEOUT_S)
+    return pool
+
+
+def _get_pool() -> cf.ProcessPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = _new_pool()
+        return _pool
+
+
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            p.kill()
+        except Exception:  # pragma: no cover - already gone
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _restart(pool: cf.ProcessPoolExecutor) -> None:
+    global _pool
+    with _lock:
+        if _pool is pool:
+            _pool = None
+        stats["pool_restarts"] += 1
+    _kill(pool)
+
+
+def shutdown() -> None:
+    """Stop the worker processes (called at exit; the next check starts a new pool)."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        _kill(pool)
+
+
+atexit.register(shutdown)
+
+
+def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Optional[bool]]:
+    """Check ``(gold, prediction)`` pairs; ``None`` where the check timed out, failed,
+    or the gold answer cannot be parsed.  Each pair gets ``timeout_s`` seconds."""
+    pairs = [(str(g), str(p)) for g, p in pairs]
+    results: List[Optional[bool]] = [None] * len(pairs)
+    inner = max(1, int(timeout_s))
+    pending = list(range(len(pairs)))
+    while pending:
+        pool = _get_pool()
+        try:
+            futs = {i: pool.submit(_check, pairs[i][0], pairs[i][1], inner) for i in pending}
+        except Exception:  # the pool broke between checks (a worker died): start over
+            _restart(pool)
+            continue
+        stats["calls"] += len(pending)
+        rest: List[int] = []
+        for k, i in enumerate(pending):
+            try:
+                results[i] = futs[i].result(timeout=timeout_s)
+                continue
+            except cf.TimeoutError:
+                stats["timeouts"] += 1
+                logger.warning("math-verify check timed out after %.1fs (gold=%r, prediction=%.200r); "
+                               "restarting the worker pool", timeout_s, pairs[i][0], pairs[i][1])
+            except Exception as e:  # a worker crashed, or the check raised
+                stats["errors"] += 1
+                logger.warning("math-verify check failed (gold=%r): %r", pairs[i][0], e)
+                if not isinstance(e, cf.process.BrokenProcessPool):
+                    continue
+            # the pool is stuck or broken: keep finished results, redo the others in a fresh pool
+            _restart(pool)
+            for j in pending[k + 1:]:
+                f = futs[j]
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    results[j] = f.result()
+                else:
+                    rest.append(j)
+            break
+        pending = rest
+    return results
+
+
+def math_equal(gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional[bool]:
+    """Is ``pred`` mathematically equal to ``gold``?  ``None`` on timeout, error or unparseable gold."""
+    return math_equal_many([(gold, pred)], timeout_s)[0]

@@ -1,0 +1,101 @@
+"""A tiny, self-contained model and task for the quickstart, tests and benchmarks.
+
+``toy:<name>`` as ``model.name_or_path`` materialises a randomly initialised
+Llama (2 layers, hidden 64) with a character-level tokenizer into
+``$RLKIT_CACHE`` (default ``~/.cache/rlkit``) once, and every later load goes
+through the ordinary ``from_pretrained``.  Nothing is downloaded.
+
+The echo task: the prompt is a string of letters; the reward is the fraction
+of the first ``k`` completion characters equal to the prompt's last letter.  A
+random model scores about 1/30; a policy that learns to echo scores 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Dict, List
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 =+#.:")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("RLKIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlkit"))
+
+
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_model_dir(path: str, size: str = "tiny", seed: int = 0) -> str:
+    """Write a random-init tiny Llama + tokenizer in HF format to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=True, **SIZES[size])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    tmp = path + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve(name_or_path: str) -> str:
+    """``toy:<size>`` -> a local directory (created once); anything else unchanged."""
+    if not isinstance(name_or_path, str) or not name_or_path.startswith("toy:"):
+        return name_or_path
+    size = name_or_path.split(":", 1)[1] or "tiny"
+    if size not in SIZES:
+        raise ValueError(f"unknown toy model {name_or_path!r}; known: {', '.join('toy:' + s for s in SIZES)}")
+    path = os.path.join(cache_dir(), f"toy-{size}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_model_dir(path, size)
+    return path
+
+
+def echo_rows(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> List[Dict[str, str]]:
+    rng = random.Random(seed)
+    letters = "abcdefgh"
+    rows = []
+    for _ in range(n):
+        s = "".join(rng.choice(letters) for _ in range(rng.randint(min_len, max_len)))
+        rows.append({"question": s + ":", "answer": s[-1]})
+    return rows
+
+
+def write_echo_jsonl(path: str, n: int, seed: int) -> None:
+    with open(path, "w") as f:
+        for r in echo_rows(n, seed):
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":  # python -m rlkit.toy DIR [tiny|small]
+    import sys
+
+    make_model_dir(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "tiny")
+    print(f"wrote {sys.argv[1]}")

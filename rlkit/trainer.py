@@ -1,0 +1,709 @@
+"""The one RL trainer.  Read it top to bottom: ``train`` loops over ``step``, and
+``step`` runs the pipeline of ``../shared/DESIGN.md``::
+
+    select prompts -> rollout + rewards -> pre-advantage filters (refill rounds)
+    -> score (old / ref log-probs, entropy, values: only what plugins need)
+    -> KL-in-reward -> advantage -> post-advantage filters -> token weighting
+    -> PPO epochs over mini-batches of token-budgeted micro-batches
+    -> selector update, controllers -> weight sync -> metrics, eval, checkpoint
+
+Every method-specific behaviour comes from a registered plugin; this file
+never looks at a plugin's name.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .batch import Batch
+from .config import ConfigError, RLConfig, make_params, save_config, to_dict
+from .metrics import MetricSums, nan_mean
+from .modeling import PolicyModule, ValueModule, build_inputs, load_backbone, load_causal_lm, load_tokenizer
+from .plugins import AggNorm, ForwardOutput, LossInputs, PluginContext, RolloutContext
+from .registry import (ADVANTAGES, AGGREGATIONS, CONTROLLERS, FILTERS, KL_ESTIMATORS, POLICY_LOSSES, PROMPT_SELECTORS,
+                       REGULARIZERS, ROLLOUT_ENGINES, ROLLOUT_STRATEGIES, TOKEN_WEIGHTING)
+from .rollout.base import SamplingParams
+from .tracking import Tracker, truncate_jsonl
+
+log = logging.getLogger("rlkit")
+
+
+class _TimedRewarder:
+    """Wraps the rewarder so reward time can be split out of rollout time."""
+
+    def __init__(self, rewarder):
+        self.rewarder, self.elapsed = rewarder, 0.0
+
+    def __call__(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return self.rewarder(*a, **kw)
+        finally:
+            self.elapsed += time.perf_counter() - t
+
+
+class Trainer:
+    def __init__(self, cfg: RLConfig, train_rows: Optional[List[Dict[str, Any]]] = None,
+                 eval_rows: Optional[List[Dict[str, Any]]] = None, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from .data import load_prompts
+        from .rewarding import Rewarder
+
+        self.cfg = cfg
+        t = cfg.trainer
+        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if t.prompts_per_step % self.world:
+            raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be divisible by the number of processes ({self.world}): groups are never split across ranks")
+        self.local_prompts = t.prompts_per_step // self.world
+        samples_per_step = t.prompts_per_step * cfg.rollout.samples_per_prompt
+        mb = t.samples_per_minibatch or samples_per_step
+        self.num_minibatches = max(1, math.ceil(samples_per_step / mb))
+        set_seed(t.seed + self.rank)
+
+        # data first: a bad field fails before any model loads
+        self._raw_train = load_prompts(cfg.data, None, "train", rows=train_rows)
+        self._raw_eval = None
+        if cfg.data.eval_path or eval_rows is not None:
+            self._raw_eval = load_prompts(cfg.data, None, "eval", rows=eval_rows)
+
+        ctx_kw = dict(config=cfg, total_steps=t.total_steps, world_size=self.world, rank=self.rank,
+                      device=self.acc.device, seed=t.seed)
+        self.pctx = PluginContext(**ctx_kw)
+        self._build_plugins()
+        self.run_dir = self._run_dir()
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+        self.pctx.tokenizer = self.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id
+        from .data import tokenize_rows
+
+        self.train_rows = tokenize_rows(self._raw_train, cfg.data, self.tokenizer)
+        self.eval_rows = tokenize_rows(self._raw_eval, cfg.data, self.tokenizer) if self._raw_eval else None
+        self.selector.bind(self.train_rows)
+
+        self._build_models()
+        self.rewarder = _TimedRewarder(Rewarder(cfg.reward))
+        engine_cls = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")
+        self.engine = engine_cls(model=self.unwrapped_lm, tokenizer=self.tokenizer, config=cfg,
+                                 samples_per_generate_call=cfg.rollout.samples_per_generate_call, **cfg.rollout.engine_args)
+        self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                       max_new_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
+        self.step_idx = 0
+        self.tracker = Tracker(self.run_dir, self.acc.is_main_process, t.tensorboard,
+                               {"project": t.wandb_project} if t.wandb else None, to_dict(cfg))
+        if self.acc.is_main_process:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ setup
+    def _plugin(self, registry, spec, key):
+        cls = registry.get(spec.name, key)
+        return cls(make_params(cls, spec, key), self.pctx)
+
+    def _build_plugins(self) -> None:
+        a = self.cfg.algorithm
+        self.advantage = self._plugin(ADVANTAGES, a.advantage, "algorithm.advantage")
+        self.policy_loss = self._plugin(POLICY_LOSSES, a.policy_loss, "algorithm.policy_loss")
+        self.aggregate = AGGREGATIONS.get(a.aggregation.name, "algorithm.aggregation")
+        self.kl_fn = KL_ESTIMATORS.get(a.kl.estimator, "algorithm.kl.estimator") if a.kl.coef > 0 else None
+        self.regularizers = [self._plugin(REGULARIZERS, s, f"algorithm.regularizers[{i}]") for i, s in enumerate(a.regularizers)]
+        filters = [self._plugin(FILTERS, s, f"algorithm.filters[{i}]") for i, s in enumerate(a.filters)]
+        self.pre_filters = [f for f in filters if f.stage == "pre_advantage"]
+        self.post_filters = [f for f in filters if f.stage != "pre_advantage"]
+        self.token_weighting = [self._plugin(TOKEN_WEIGHTING, s, f"algorithm.token_weighting[{i}]") for i, s in enumerate(a.token_weighting)]
+        self.controllers = [self._plugin(CONTROLLERS, s, f"algorithm.controllers[{i}]") for i, s in enumerate(a.controllers)]
+        self.selector = self._plugin(PROMPT_SELECTORS, a.prompt_selector, "algorithm.prompt_selector")
+        self.strategy = self._plugin(ROLLOUT_STRATEGIES, self.cfg.rollout.strategy, "rollout.strategy")
+        everything = [self.advantage, self.policy_loss, *self.regularizers, *filters, *self.token_weighting, *self.controllers,
+                      self.selector, self.strategy]
+        self.needs = set().union(*[getattr(p, "needs", frozenset()) for p in everything])
+        if self.kl_fn is not None:
+            self.needs.add("ref_logprobs")
+        if getattr(self.advantage, "needs_critic", False):
+            self.needs.add("values")
+        self.need_entropy_grad = self.cfg.algorithm.entropy_coef != 0 or any("entropy_grad" in getattr(p, "needs", ()) for p in self.regularizers)
+        self.need_hidden = any("hidden" in getattr(p, "needs", ()) for p in self.regularizers)
+        # a separate no-grad scoring pass is needed unless the first update's forward can provide old log-probs
+        self.score_pass = (self.cfg.trainer.ppo_epochs > 1 or self.num_minibatches > 1 or bool(self.needs & {"old_logprobs", "entropy", "values"})
+                           or self.cfg.algorithm.kl.placement == "reward" and self.kl_fn is not None)
+        self._plugins_with_state = {"advantage": self.advantage, "policy_loss": self.policy_loss, "selector": self.selector,
+                                    "strategy": self.strategy, **{f"filter{i}": f for i, f in enumerate(filters)},
+                                    **{f"regularizer{i}": r for i, r in enumerate(self.regularizers)},
+                                    **{f"token_weighting{i}": w for i, w in enumerate(self.token_weighting)},
+                                    **{f"controller{i}": c for i, c in enumerate(self.controllers)}}
+
+    def _run_dir(self) -> str:
+        t = self.cfg.trainer
+        name = t.run_name or (os.path.splitext(os.path.basename(self.cfg.recipe))[0] if self.cfg.recipe else "run")
+        base = os.path.join(t.output_dir, name)
+        if t.resume == "none" and ckpt.list_checkpoints(os.path.join(base, "checkpoints")) + (
+                [1] if os.path.exists(os.path.join(base, "metrics.jsonl")) else []):
+            i = 1
+            while os.path.exists(f"{base}-{i}"):
+                i += 1
+            base = f"{base}-{i}"  # never overwrite an earlier run; resume=auto continues the named one
+        return base
+
+    def _build_models(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        m = cfg.model
+        lm = load_causal_lm(m.name_or_path, m.dtype, m.trust_remote_code, m.attn_implementation)
+        if m.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(lm, LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                                               target_modules=m.lora.target_modules, task_type="CAUSAL_LM"))
+        if m.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if m.lora.enabled:
+                lm.enable_input_require_grads()
+        critic = ValueModule(load_backbone(m.name_or_path, m.dtype, m.trust_remote_code)) if "values" in self.needs else None
+        self.policy = PolicyModule(lm, self.pad_id, t.logprob_chunk_size)
+        self.critic = critic
+        self.ref = None
+        if "ref_logprobs" in self.needs and not m.lora.enabled:  # with LoRA the reference is the base with adapters off
+            ref_lm = load_causal_lm(m.name_or_path, m.dtype, m.trust_remote_code, m.attn_implementation)
+            ref_lm.requires_grad_(False).eval()
+            self.ref = PolicyModule(ref_lm, self.pad_id, t.logprob_chunk_size).to(self.acc.device)
+        from transformers import get_scheduler
+
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": t.lr}]
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": cfg.algorithm.critic.lr or t.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.warmup_steps,
+                                       num_training_steps=t.total_steps)
+        if critic is not None:
+            self.policy, self.critic, self.optimizer = self.acc.prepare(self.policy, self.critic, self.optimizer)
+        else:
+            self.policy, self.optimizer = self.acc.prepare(self.policy, self.optimizer)
+        self.acc.register_for_checkpointing(self.scheduler)  # stepped once per RL step, by us
+        self.unwrapped_lm = self.acc.unwrap_model(self.policy).lm
+
+    # ----------------------------------------------------------------- resume
+    def _maybe_resume(self) -> None:
+        r = self.cfg.trainer.resume
+        if r == "none":
+            return
+        path = ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints")) if r == "auto" else r
+        if path is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
+            return
+        if not os.path.exists(os.path.join(path, "rlkit.pt")):
+            raise FileNotFoundError(f"trainer.resume={r}: {path} is not a complete rlkit checkpoint (no rlkit.pt)")
+        self.acc.load_state(os.path.join(path, "state"))
+        state = torch.load(os.path.join(path, "rlkit.pt"), weights_only=False)
+        self.step_idx = state["step"]
+        for k, p in self._plugins_with_state.items():
+            if k in state["plugins"]:
+                p.load_state_dict(state["plugins"][k])
+        if self.acc.is_main_process:
+            for f in ("metrics.jsonl", "completions.jsonl"):
+                truncate_jsonl(os.path.join(self.run_dir, f), self.step_idx)
+        self.engine.sync_weights(self.unwrapped_lm)
+        self.acc.print(f"resumed from {path} at step {self.step_idx}")
+
+    def save_checkpoint(self) -> str:
+        d = os.path.join(self.run_dir, "checkpoints")
+        final = os.path.join(d, f"step_{self.step_idx}")
+        tmp = final + ".tmp"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(os.path.join(tmp, "state"))
+        self.save_model(os.path.join(tmp, "model"))
+        if self.acc.is_main_process:
+            torch.save({"step": self.step_idx, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}},
+                       os.path.join(tmp, "rlkit.pt"))
+            if os.path.exists(final):
+                import shutil
+
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpt.prune(d, self.cfg.trainer.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
+
+    def save_model(self, path: str) -> None:
+        """HF-format weights (LoRA merged) + tokenizer, loadable by from_pretrained and vLLM."""
+        lm = self.unwrapped_lm
+        state = self.acc.get_state_dict(self.policy)  # gathers ZeRO-3 shards
+        if self.acc.is_main_process:
+            state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+            if hasattr(lm, "merge_and_unload"):  # peft: write merged base weights
+                import copy
+
+                merged = copy.deepcopy(lm).merge_and_unload()
+                merged.save_pretrained(path, safe_serialization=True)
+            else:
+                lm.save_pretrained(path, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> Dict[str, float]:
+        t = self.cfg.trainer
+        bar = None
+        if t.progress_bar and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.total_steps, initial=self.step_idx, desc="rlkit", dynamic_ncols=True)
+        last: Dict[str, float] = {}
+        try:
+            while self.step_idx < t.total_steps:
+                last = self.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k.split("/")[0]: f"{last[k]:.3f}" for k in ("reward/mean", "accuracy") if k in last})
+                if t.save_every and self.step_idx % t.save_every == 0 and self.step_idx < t.total_steps:
+                    self.save_checkpoint()
+            if t.save_final and (not ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
+                                 or ckpt.step_of(ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))) != self.step_idx):
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.tracker.close()
+        return last
+
+    @contextmanager
+    def _timer(self, name: str, store: Dict[str, float]):
+        t0 = time.perf_counter()
+        yield
+        store[name] = store.get(name, 0.0) + time.perf_counter() - t0
+
+    def _any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        v = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(v, reduction="sum").item() > 0)
+
+    def _max_int(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        v = torch.tensor([float(n)], device=self.acc.device)
+        return int(self.acc.gather(v).max().item())
+
+    def _sum(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        return float(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), reduction="sum").item())
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> Dict[str, float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        step = self.step_idx + 1
+        timings: Dict[str, float] = {}
+        ms = MetricSums()
+        t_step = time.perf_counter()
+        self.rewarder.elapsed = 0.0
+
+        # 1-2. prompts -> rollouts + rewards; pre-advantage filters with refill rounds
+        max_rounds = 1 + max([f.max_refill_rounds for f in self.pre_filters] + [0])
+        rctx = RolloutContext(engine=self.engine, rewarder=self.rewarder, sampling=self.sampling,
+                              samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer=self.tokenizer, step=step)
+        parts: List[Batch] = []
+        n_groups, rounds, generated_samples = 0, 0, 0
+        self.engine.wake_up()
+        with self._timer("rollout", timings):
+            while True:
+                idx = self.selector.select(step, t.prompts_per_step)
+                mine = idx[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
+                rows = [self.train_rows[i] for i in mine]
+                offset = (rounds * t.prompts_per_step) + self.rank * self.local_prompts
+                b = self.strategy(rows, offset, rctx)
+                generated_samples += len(b)
+                self._rollout_metrics(b, ms, prefix="rollout")
+                for k, v in self.strategy.metrics().items():
+                    ms.mean(k, v, 1)
+                for f in self.pre_filters:
+                    b = f(b)
+                    for k, v in f.metrics().items():
+                        ms.mean(k, v, 1)
+                parts.append(b)
+                n_groups += len(b.group_index()) if len(b) else 0
+                rounds += 1
+                if not self._any(n_groups < self.local_prompts and rounds < max_rounds):
+                    break
+        self.engine.sleep()
+        timings["reward"] = self.rewarder.elapsed
+        timings["rollout"] -= self.rewarder.elapsed
+        ms.mean("rollout/rounds", rounds, 1)
+        batch = self._concat_keep_groups(parts, self.local_prompts)
+
+        # 3. scoring: old/ref log-probs, entropy, values (only what is needed)
+        if len(batch):
+            with self._timer("score", timings):
+                if self.score_pass:
+                    self._score(batch)
+                if self.kl_fn is not None and cfg.algorithm.kl.placement == "reward":
+                    self._kl_in_reward(batch, ms)
+            with self._timer("advantage", timings):
+                self.advantage(batch)
+                for f in self.post_filters:
+                    batch = f(batch) if batch is not None and len(batch) else batch
+                    for k, v in f.metrics().items():
+                        ms.mean(k, v, 1)
+                if batch is not None and len(batch):
+                    if batch.token_weights is None:
+                        batch.token_weights = torch.ones_like(batch.response_mask)
+                    for w in self.token_weighting:
+                        w(batch)
+        train_batch = batch if batch is not None and len(batch) else None
+
+        # 4. update (every rank joins, even with nothing to train, so collectives match)
+        with self._timer("train", timings):
+            updated = self._update(train_batch, ms)
+        if updated:
+            self.scheduler.step()
+        with self._timer("weight_sync", timings):
+            self.engine.sync_weights(self.unwrapped_lm)
+
+        # 5. selector update and controllers
+        if len(parts) and parts[0] is not None:
+            sel_batch = Batch.concat([p for p in parts if len(p)], self.pad_id) if any(len(p) for p in parts) else None
+            if sel_batch is not None:
+                for k, v in self.selector.update(sel_batch).items():
+                    ms.mean(k, v, 1)
+        if train_batch is not None:
+            self._batch_metrics(train_batch, ms)
+        self.step_idx = step
+        ms.set("lr", self.scheduler.get_last_lr()[0])
+        metrics = ms.reduce(self.acc)
+        for c in self.controllers:
+            metrics.update(c.after_step(self, metrics))
+        timings["step"] = time.perf_counter() - t_step
+        for k, v in timings.items():
+            metrics[f"time/{k}"] = v
+        gen_tokens, trained_tokens = metrics.pop("_gen_tokens", 0.0), metrics.pop("_trained_tokens", 0.0)
+        metrics["throughput/tokens_per_s"] = (gen_tokens + trained_tokens) / max(timings["step"], 1e-9)
+        metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timings["rollout"], 1e-9)
+        self._check_gap(metrics)
+
+        if cfg.eval.every_steps and self.eval_rows and step % cfg.eval.every_steps == 0:
+            t0 = time.perf_counter()
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            metrics["time/eval"] = time.perf_counter() - t0
+        self.tracker.log(step, metrics, console=None)
+        if t.log_completions and train_batch is not None:
+            self._log_completions(step, batch if batch is not None and len(batch) else train_batch)
+        return metrics
+
+    # -------------------------------------------------------------- helpers
+    def _concat_keep_groups(self, parts: List[Batch], n_groups: int) -> Batch:
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            return parts_empty(self.pad_id)
+        b = Batch.concat(parts, self.pad_id)
+        groups = list(dict.fromkeys(b.group_ids.tolist()))
+        if len(groups) > n_groups:  # refill overshoot: keep the first groups, whole
+            keep = set(groups[:n_groups])
+            b = b.select([i for i, g in enumerate(b.group_ids.tolist()) if g in keep])
+        return b
+
+    def _forward(self, module, mb: Batch, need_entropy: bool, grad: bool, values: bool = False, hidden: bool = False):
+        ids, att, (r, p, c) = build_inputs(mb.prompt_ids, mb.response_ids, mb.response_mask, self.pad_id)
+        dev = self.acc.device
+        args = (ids.to(dev), att.to(dev), r.to(dev), p.to(dev), c.to(dev), tuple(mb.response_ids.shape))
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx:
+            out = module(*args, temperature=self.sampling.logprob_temperature, need_entropy=need_entropy, return_hidden=hidden)
+            v = self.critic(*args) if values and self.critic is not None else None
+        return out, v
+
+    def _microbatches(self, b: Batch) -> List[List[int]]:
+        """Greedy split of rows into micro-batches of at most ``tokens_per_microbatch`` padded tokens."""
+        budget = self.cfg.trainer.tokens_per_microbatch
+        lens = [len(p) + int(n) for p, n in zip(b.prompt_ids, b.response_lengths.tolist())]
+        out, cur, cur_max = [], [], 0
+        for i, L in enumerate(lens):
+            new_max = max(cur_max, L)
+            if cur and new_max * (len(cur) + 1) > budget:
+                out.append(cur)
+                cur, new_max = [], L
+            cur.append(i)
+            cur_max = new_max
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.no_grad()
+    def _score(self, batch: Batch) -> None:
+        need_ent = "entropy" in self.needs
+        lps, ents, vals, refs = [], [], [], []
+        micro = self._microbatches(batch)
+        for ids in micro:
+            mb = batch.select(ids)
+            T = batch.response_ids.shape[1]
+            (lp, ent, _), v = self._forward(self.policy, mb, need_ent, grad=False, values="values" in self.needs)
+            pad = lambda x: torch.nn.functional.pad(x.float().cpu(), (0, T - x.shape[1]))  # noqa: E731
+            lps.append(pad(lp))
+            ents.append(pad(ent))
+            if v is not None:
+                vals.append(pad(v))
+            if "ref_logprobs" in self.needs:
+                refs.append(pad(self._ref_logprobs(mb)))
+        order = torch.tensor([i for ids in micro for i in ids])
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(len(order))
+        batch.old_logprobs = torch.cat(lps)[inv] * batch.response_mask
+        if need_ent:
+            batch.entropy = torch.cat(ents)[inv] * batch.response_mask
+        if vals:
+            batch.values = batch.old_values = torch.cat(vals)[inv] * batch.response_mask
+        if refs:
+            batch.ref_logprobs = torch.cat(refs)[inv] * batch.response_mask
+
+    def _ref_logprobs(self, mb: Batch) -> torch.Tensor:
+        if self.ref is not None:
+            (lp, _, _), _ = self._forward(self.ref, mb, False, grad=False)
+            return lp
+        lm = self.unwrapped_lm  # LoRA: reference = base model with adapters disabled
+        with lm.disable_adapter():
+            (lp, _, _), _ = self._forward(self.policy, mb, False, grad=False)
+        return lp
+
+    def _kl_in_reward(self, batch: Batch, ms: MetricSums) -> None:
+        coef = self.cfg.algorithm.kl.coef
+        kl = self.kl_fn(batch.old_logprobs, batch.ref_logprobs) * batch.response_mask
+        tr = torch.zeros_like(batch.response_mask)
+        last = (batch.response_lengths - 1).clamp(min=0)
+        tr[torch.arange(len(batch)), last] = torch.nan_to_num(batch.rewards, nan=0.0)
+        batch.token_rewards = (tr - coef * kl) * batch.response_mask
+        ms.masked("kl_reward", kl, batch.response_mask)
+
+    def _update(self, batch: Optional[Batch], ms: MetricSums) -> bool:
+        """PPO epochs x mini-batches x micro-batches.  Returns whether any optimizer step was taken."""
+        t = self.cfg.trainer
+        a = self.cfg.algorithm
+        S = len(batch) if batch is not None else 0
+        if not self._any(S > 0):
+            ms.mean("train/skipped_empty_steps", 1, 1)
+            return False
+        stepped = False
+        trained_tokens = 0.0
+        for epoch in range(t.ppo_epochs):
+            perm = torch.randperm(S) if S else torch.zeros(0, dtype=torch.long)
+            chunks = [c.tolist() for c in torch.tensor_split(perm, self.num_minibatches)] if S else [[] for _ in range(self.num_minibatches)]
+            for mb_rows in chunks:
+                mb = batch.select(mb_rows) if mb_rows else None
+                micro = self._microbatches(mb) if mb is not None else []
+                n_micro = self._max_int(len(micro))
+                w_all = mb.weights() if mb is not None else None
+                norm = AggNorm(num_tokens=max(self._sum(w_all.sum().item() if mb is not None else 0.0), 1e-8),
+                               num_seqs=max(self._sum(float((mb.response_mask.sum(-1) > 0).sum()) if mb is not None else 0.0), 1.0),
+                               max_len=float(self._max_int(mb.response_ids.shape[1] if mb is not None else 0)))
+                loss_sum, terms = 0.0, {}
+                for k in range(n_micro):
+                    if k < len(micro):
+                        sub, scale = mb.select(micro[k]), 1.0
+                    else:  # keep collectives in step with ranks that have more micro-batches
+                        sub, scale = (mb.select([0]) if mb is not None else batch.select([0]) if S else None), 0.0
+                    if sub is None:
+                        sub, scale = self._dummy_batch(), 0.0
+                    sync = self.acc.no_sync(self.policy) if k < n_micro - 1 else nullcontext()
+                    with sync:
+                        loss, mterms = self._micro_loss(sub, norm, ms if scale else None, first=(epoch == 0))
+                        self.acc.backward(loss * scale * self.world)
+                    loss_sum += float(loss.detach()) * scale
+                    for key, v in mterms.items():
+                        terms[key] = terms.get(key, 0.0) + float(v) * scale
+                    if scale:
+                        trained_tokens += sub.num_tokens
+                grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+                gn = float(grad_norm) if grad_norm is not None else 0.0
+                if not math.isfinite(gn) or not math.isfinite(loss_sum):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    ms.mean("train/skipped_nonfinite", 1, 1)
+                    log.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped", self.step_idx + 1, loss_sum, gn)
+                    continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stepped = True
+                ms.mean("grad_norm", gn, 1)
+                first_rank = 1.0 if self.rank == 0 else 0.0  # sums over ranks, counted once per mini-batch
+                ms.mean("loss/total", loss_sum, first_rank)
+                for key, v in terms.items():
+                    ms.mean(f"loss/{key}", v, first_rank)
+        ms.total("_trained_tokens", trained_tokens)
+        return stepped
+
+    def _dummy_batch(self) -> Batch:
+        r = self.train_rows[0]
+        return Batch(prompt_ids=[r["prompt_ids"]], response_ids=torch.full((1, 1), self.pad_id), response_mask=torch.ones(1, 1),
+                     group_ids=torch.zeros(1, dtype=torch.long), advantages=torch.zeros(1, 1), token_weights=torch.zeros(1, 1),
+                     rollout_logprobs=torch.zeros(1, 1))
+
+    def _micro_loss(self, mb: Batch, norm: AggNorm, ms: Optional[MetricSums], first: bool):
+        """Loss of one micro-batch, already divided by the mini-batch's global normalisers."""
+        a = self.cfg.algorithm
+        dev = self.acc.device
+        need_values = self.critic is not None and mb.returns is not None
+        (logp, ent, hidden), values = self._forward(self.policy, mb, need_entropy=True, grad=True, values=need_values,
+                                                    hidden=self.need_hidden)
+        mask = mb.response_mask.to(dev)
+        w = mb.weights().to(dev)
+        old = mb.old_logprobs.to(dev) if mb.old_logprobs is not None else logp.detach()
+        is_w = None
+        if a.tis_cap is not None and mb.rollout_logprobs is not None:
+            is_w = torch.exp(old - mb.rollout_logprobs.to(dev)).clamp(max=a.tis_cap).detach() * mask
+        inp = LossInputs(logprobs=logp, old_logprobs=old, advantages=mb.advantages.to(dev), mask=w,
+                         rollout_is_weights=is_w, entropy=ent if self.need_entropy_grad else ent.detach())
+        loss_mat, pl_metrics = self.policy_loss(inp)
+        loss = self.aggregate(loss_mat, w, norm)
+        terms: Dict[str, torch.Tensor] = {"policy": loss.detach()}
+        if self.kl_fn is not None and a.kl.placement == "loss":
+            ref = mb.ref_logprobs.to(dev) if mb.ref_logprobs is not None else self._ref_logprobs(mb).to(dev)
+            kl = self.kl_fn(logp, ref)
+            kl_loss = self.aggregate(kl, w, norm)
+            loss = loss + a.kl.coef * kl_loss
+            terms["kl"] = kl_loss.detach()
+            if ms is not None:
+                ms.masked("kl", kl, mask)
+        if a.entropy_coef:
+            e_loss = self.aggregate(ent, w, norm)
+            loss = loss - a.entropy_coef * e_loss
+        fwd = ForwardOutput(logprobs=logp, entropy=ent, hidden=hidden, lm_head=self.unwrapped_lm.get_output_embeddings(),
+                            temperature=self.sampling.logprob_temperature, model=self.unwrapped_lm)
+        for i, reg in enumerate(self.regularizers):
+            r_mat, r_metrics = reg(inp, fwd, mb)
+            r_loss = self.aggregate(r_mat, w, norm)
+            loss = loss + r_loss
+            terms[f"reg{i}_{type(reg).plugin_name}"] = r_loss.detach()
+            if ms is not None:
+                for k, v in r_metrics.items():
+                    self._metric(ms, k, v, mask)
+        if values is not None:
+            from .objectives.gae import value_loss
+
+            v_mat = value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask, a.critic.cliprange_value)
+            v_loss = self.aggregate(v_mat, mask, norm)
+            loss = loss + a.critic.value_loss_coef * v_loss
+            terms["value"] = v_loss.detach()
+            if ms is not None:
+                ms.masked("critic/values", values, mask)
+        if ms is not None:
+            for k, v in pl_metrics.items():
+                self._metric(ms, k, v, mask)
+            ms.masked("entropy", ent, mask)
+            if first and mb.rollout_logprobs is not None:
+                base = mb.old_logprobs.to(dev) if mb.old_logprobs is not None else logp.detach()
+                gap = (base - mb.rollout_logprobs.to(dev)).abs()
+                ms.masked("logprob_gap", gap, mask, extremes=True)
+        return loss, terms
+
+    @staticmethod
+    def _metric(ms: MetricSums, k: str, v, mask) -> None:
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            ms.masked(k, v, mask)
+        else:
+            ms.mean(k, float(v), 1)
+
+    def _rollout_metrics(self, b: Batch, ms: MetricSums, prefix: str) -> None:
+        if not len(b):
+            return
+        S = len(b)
+        L = b.response_lengths.float()
+        ms.total("_gen_tokens", L.sum().item())
+        r = b.rewards
+        ms.mean("reward/mean", torch.nansum(r).item(), (~torch.isnan(r)).sum().item())
+        ms.mean("reward/skipped_frac", torch.isnan(r).sum().item(), S)
+        for name, comp in b.reward_components.items():
+            ms.mean(f"reward/{name}", torch.nansum(comp).item(), (~torch.isnan(comp)).sum().item())
+        acc_key = self.cfg.reward.accuracy_key or (next(iter(b.reward_components)) if b.reward_components else None)
+        if acc_key in b.reward_components:
+            comp = b.reward_components[acc_key]
+            ok = ~torch.isnan(comp)
+            ms.mean("accuracy", (comp[ok] >= 1.0).float().sum().item(), ok.sum().item())
+        ms.mean("response_length/mean", L.sum().item(), S)
+        ms.max("response_length/max", L.max().item())
+        ms.min("response_length/min", L.min().item())
+        ms.mean("truncation_rate", b.truncated.float().sum().item(), S)
+        zero, groups = 0, b.group_index()
+        for rows in groups.values():
+            g = r[rows]
+            g = g[~torch.isnan(g)]
+            zero += int(g.numel() == 0 or bool((g == g[0]).all()))
+        ms.mean("frac_zero_std_groups", zero, len(groups))
+        rs = r[~torch.isnan(r)]
+        if rs.numel() > 1:
+            ms.mean("reward/std", rs.std().item(), 1)
+
+    def _batch_metrics(self, b: Batch, ms: MetricSums) -> None:
+        mask = b.response_mask
+        if b.advantages is not None:
+            ms.masked("advantage", b.advantages, mask, extremes=True)
+            adv_std = b.advantages[mask.bool()].std().item() if mask.sum() > 1 else 0.0
+            ms.mean("advantage/std", adv_std, 1)
+        ms.mean("train/samples", len(b), 1)
+        ms.mean("train/kept_token_frac", (b.weights() > 0).float().sum().item(), mask.sum().item())
+
+    def _check_gap(self, metrics: Dict[str, float]) -> None:
+        gap = metrics.get("logprob_gap/mean")
+        r = self.cfg.rollout
+        if gap is None:
+            return
+        if gap > r.max_logprob_gap_error:
+            raise RuntimeError(f"rollout-vs-trainer log-prob gap {gap:.4f} > rollout.max_logprob_gap_error={r.max_logprob_gap_error}: "
+                               f"weight sync to the {r.engine} engine is broken (the engine samples from stale weights)")
+        if gap > r.max_logprob_gap_warn:
+            log.warning("rollout-vs-trainer log-prob gap %.4f > rollout.max_logprob_gap_warn=%.4f", gap, r.max_logprob_gap_warn)
+
+    def _log_completions(self, step: int, b: Batch) -> None:
+        from accelerate.utils import gather_object
+
+        rows = []
+        adv = b.advantages
+        for i in range(len(b)):
+            rows.append({
+                "group": int(b.group_ids[i]), "prompt": b.info.get("prompt", [None] * len(b))[i],
+                "completion": b.info["completion"][i], "reward": float(b.rewards[i]) if b.rewards is not None else None,
+                **{f"reward/{k}": float(v[i]) for k, v in b.reward_components.items()},
+                "answer": b.info.get("answer", [None] * len(b))[i], "finish_reason": b.info["finish_reason"][i],
+                "length": int(b.response_lengths[i]),
+                "advantage": float(adv[i][b.response_mask[i].bool()].mean()) if adv is not None and b.response_lengths[i] > 0 else None,
+            })
+        if self.world > 1:
+            rows = gather_object(rows)
+        self.tracker.log_completions(step, rows)
+
+    # ------------------------------------------------------------------- eval
+    def evaluate(self) -> Dict[str, float]:
+        from .evaluation import evaluate_rows
+
+        e = self.cfg.eval
+        rows = self.eval_rows[: e.max_prompts] if e.max_prompts else self.eval_rows
+        share = rows[self.rank::self.world]
+        res = evaluate_rows(self.engine, share, e, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                            stop=self.cfg.rollout.stop, seed=self.cfg.trainer.seed, raw=True)
+        return merge_eval(res, self.acc)
+
+
+def parts_empty(pad_id: int) -> Batch:
+    return Batch(prompt_ids=[], response_ids=torch.zeros(0, 1, dtype=torch.long), response_mask=torch.zeros(0, 1),
+                 group_ids=torch.zeros(0, dtype=torch.long))
+
+
+def merge_eval(res, acc) -> Dict[str, float]:
+    from .evaluation import summarize
+
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        res = gather_object(res)
+    return summarize(res)
