@@ -1,0 +1,68 @@
+"""Shared fixtures.  Core tests build their own tiny model (rlkit.toy) and data;
+tests that read ../shared skip cleanly when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _toy_cache(tmp_path_factory):
+    """Keep toy models out of the user's home cache."""
+    d = tmp_path_factory.mktemp("rlkit_cache")
+    old = os.environ.get("RLKIT_CACHE")
+    os.environ["RLKIT_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("RLKIT_CACHE", None)
+    else:
+        os.environ["RLKIT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(_toy_cache):
+    from rlkit.toy import resolve
+
+    return resolve("toy:tiny")
+
+
+@pytest.fixture()
+def echo_rows():
+    from rlkit.toy import echo_rows as make
+
+    return make(256, seed=0)
+
+
+def shared_path(*parts) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present (../shared is optional)")
+    return p
+
+
+def tiny_overrides(tmp_path, **extra):
+    """Config overrides for a fast in-process run on the toy echo task."""
+    base = {
+        "model.name_or_path": "toy:tiny",
+        "data.prompt_field": "question",
+        "data.answer_field": "answer",
+        "data.max_prompt_tokens": 32,
+        "rollout.samples_per_prompt": 4,
+        "rollout.max_new_tokens": 6,
+        "reward.functions": "[" + str(REPO / "rewards" / "toy.py") + ":echo]",
+        "trainer.prompts_per_step": 4,
+        "trainer.total_steps": 3,
+        "trainer.lr": 3e-3,
+        "trainer.output_dir": str(tmp_path),
+        "trainer.run_name": "t",
+        "trainer.progress_bar": False,
+        "trainer.tensorboard": False,
+        "trainer.save_final": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

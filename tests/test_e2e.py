@@ -1,0 +1,38 @@
+"""End to end the way users launch: ``accelerate launch --num_processes 2 --cpu launch/train.py``."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_accelerate_two_process_grpo_reward_rises(tmp_path, toy_model_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "launch" / "train.py"), f"recipe={REPO}/recipes/quickstart.yaml",
+           f"model.name_or_path={toy_model_dir}", f"data.path={REPO}/recipes/data/echo_train.jsonl",
+           f"data.eval_path={REPO}/recipes/data/echo_test.jsonl", f"reward.functions=[{REPO}/rewards/toy.py:echo]",
+           "trainer.total_steps=16", "trainer.lr=1e-2", "trainer.prompts_per_step=16", f"trainer.output_dir={tmp_path}",
+           "trainer.run_name=e2e", "trainer.save_every=8", "trainer.progress_bar=false", "eval.every_steps=8",
+           "eval.max_prompts=16"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run = tmp_path / "e2e"
+    m = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in m] == list(range(1, 17))
+    r = [x["reward/mean"] for x in m]
+    first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
+    assert last > first + 0.03, r
+    assert m[-1]["train/samples"] == 16 * 8 / 2 or m[-1]["train/samples"] > 0  # per-rank mean over both ranks
+    assert "eval/strict/pass@1" in m[7] and "eval/strict/pass@1" in m[15]
+    assert all(x["logprob_gap/mean"] < 1e-4 for x in m)
+    # both ranks' completions are in the log
+    comps = [json.loads(l) for l in open(run / "completions.jsonl")]
+    assert len(comps) == 16 * 16 * 8
+    # checkpoints: HF-format model loadable with from_pretrained
+    from transformers import AutoModelForCausalLM
+
+    ck = run / "checkpoints" / "step_16" / "model"
+    AutoModelForCausalLM.from_pretrained(ck)
