@@ -168,12 +168,15 @@ class RolloutContext:
     samples_per_prompt: int
     tokenizer: Any
     step: int = 0
+    alloc_groups: Any = None          # alloc_groups(n) -> n fresh group ids, unique across ranks and steps
+    pad_id: int = 0
 
 
 class RolloutStrategy(Plugin):
-    """Turns prompt rows into a scored :class:`Batch` (rollouts + rewards)."""
+    """Turns prompt rows into a scored :class:`Batch` (rollouts + rewards).
+    Every group it creates takes its id from ``rctx.alloc_groups``."""
 
-    def __call__(self, rows: List[Dict[str, Any]], group_offset: int, rctx: RolloutContext) -> Batch:
+    def __call__(self, rows: List[Dict[str, Any]], rctx: RolloutContext) -> Batch:
         raise NotImplementedError
 
     def metrics(self) -> Dict[str, float]:

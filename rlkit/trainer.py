@@ -101,6 +101,7 @@ class Trainer:
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                        max_new_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
         self.step_idx = 0
+        self._next_group = 0
         self.tracker = Tracker(self.run_dir, self.acc.is_main_process, t.tensorboard,
                                {"project": t.wandb_project} if t.wandb else None, to_dict(cfg))
         if self.acc.is_main_process:
@@ -206,6 +207,7 @@ class Trainer:
         self.acc.load_state(os.path.join(path, "state"))
         state = torch.load(os.path.join(path, "rlkit.pt"), weights_only=False)
         self.step_idx = state["step"]
+        self._next_group = state.get("next_group", 0)
         for k, p in self._plugins_with_state.items():
             if k in state["plugins"]:
                 p.load_state_dict(state["plugins"][k])
@@ -229,7 +231,7 @@ class Trainer:
         self.acc.save_state(os.path.join(tmp, "state"))
         self.save_model(os.path.join(tmp, "model"))
         if self.acc.is_main_process:
-            torch.save({"step": self.step_idx, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}},
+            torch.save({"step": self.step_idx, "next_group": self._next_group, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}},
                        os.path.join(tmp, "rlkit.pt"))
             if os.path.exists(final):
                 import shutil
@@ -287,6 +289,12 @@ class Trainer:
         yield
         store[name] = store.get(name, 0.0) + time.perf_counter() - t0
 
+    def _alloc_groups(self, n: int) -> List[int]:
+        """Fresh group ids, unique across ranks (strided by rank) and steps (the counter is checkpointed)."""
+        ids = [(self._next_group + i) * self.world + self.rank for i in range(n)]
+        self._next_group += n
+        return ids
+
     def _any(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
@@ -316,7 +324,8 @@ class Trainer:
         # 1-2. prompts -> rollouts + rewards; pre-advantage filters with refill rounds
         max_rounds = 1 + max([f.max_refill_rounds for f in self.pre_filters] + [0])
         rctx = RolloutContext(engine=self.engine, rewarder=self.rewarder, sampling=self.sampling,
-                              samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer=self.tokenizer, step=step)
+                              samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer=self.tokenizer, step=step,
+                              alloc_groups=self._alloc_groups, pad_id=self.pad_id)
         parts: List[Batch] = []
         n_groups, rounds, generated_samples = 0, 0, 0
         self.engine.wake_up()
@@ -325,8 +334,7 @@ class Trainer:
                 idx = self.selector.select(step, t.prompts_per_step)
                 mine = idx[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
                 rows = [self.train_rows[i] for i in mine]
-                offset = (rounds * t.prompts_per_step) + self.rank * self.local_prompts
-                b = self.strategy(rows, offset, rctx)
+                b = self.strategy(rows, rctx)
                 generated_samples += len(b)
                 self._rollout_metrics(b, ms, prefix="rollout")
                 for k, v in self.strategy.metrics().items():

@@ -75,10 +75,9 @@ def score(batch: Batch, rewarder) -> Dict[str, float]:
 class SingleRound(RolloutStrategy):
     """One sampling round: ``samples_per_prompt`` completions per prompt."""
 
-    def __call__(self, rows, group_offset: int, rctx: RolloutContext) -> Batch:
+    def __call__(self, rows, rctx: RolloutContext) -> Batch:
         comps = rctx.engine.generate([r["prompt_ids"] for r in rows], rctx.samples_per_prompt, rctx.sampling)
-        pad = rctx.tokenizer.pad_token_id if rctx.tokenizer.pad_token_id is not None else 0
-        batch = completions_to_batch(rows, comps, [group_offset + i for i in range(len(rows))], pad)
+        batch = completions_to_batch(rows, comps, rctx.alloc_groups(len(rows)), rctx.pad_id)
         self.last_metrics = score(batch, rctx.rewarder)
         return batch
 
