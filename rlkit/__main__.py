@@ -22,6 +22,7 @@ def main(argv=None) -> None:
         print("  plugins                 list every registered plugin by hook")
         print("  train recipe=... k=v    train (same as launch/train.py; use accelerate launch for several processes)")
         print("  eval model=DIR k=v      evaluate a model directory")
+        print("  report RUN_DIR [...]    plots (PNG) and a terminal reward curve from metrics.jsonl")
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "plugins":
@@ -30,6 +31,10 @@ def main(argv=None) -> None:
         from .cli import train_main
 
         train_main(rest)
+    elif cmd == "report":
+        from .report import main as report_main
+
+        report_main(rest)
     elif cmd == "eval":
         from .evaluation import main as eval_main
 

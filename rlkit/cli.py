@@ -24,5 +24,11 @@ def train_main(argv: Optional[List[str]] = None):
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     metrics = trainer.train()
     if trainer.acc.is_main_process:
-        print(f"run directory: {trainer.run_dir}")
+        from .report import ascii_curve, plot_runs, read_metrics
+
+        rows = read_metrics(trainer.run_dir)
+        print(ascii_curve([r.get("reward/mean") for r in rows]))
+        paths = plot_runs([trainer.run_dir], f"{trainer.run_dir}/report")
+        print(f"run directory: {trainer.run_dir}  (plots: {trainer.run_dir}/report/, metrics: metrics.jsonl, "
+              f"completions: completions.jsonl; {len(paths)} plots written)")
     return trainer, metrics

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
+import sys
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +70,49 @@ def _check(gold: str, pred: str, inner_timeout: int) -> Optional[bool]:
 
 
 # ----------------------------------------------------------- caller side
+@contextlib.contextmanager
+def _main_hidden():
+    """Hide ``__main__`` from spawn, so a worker does not re-run the user's script.
+
+    A spawned child normally re-imports the parent's main module, which re-runs a
+    training script that lacks an ``if __name__ == "__main__":`` guard.  The
+    workers only need this module, so they skip that step.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            if "__spec__" in saved:
+                main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
+class _SpawnProcess(multiprocessing.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        with _lock, _main_hidden():
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnProcess
+
+
 def _new_pool() -> cf.ProcessPoolExecutor:
     n = _max_workers or max(1, min(2, os.cpu_count() or 1))
-    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_worker_init)
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=_SpawnContext(), initializer=_worker_init)
     # start every worker now, so process start-up is not charged to the first check's timeout
-    warm = [pool.submit(_noop) for _ in range(n)]
-    cf.wait(warm, timeout=STARTUP_TIMEOUT_S)
+    try:
+        warm = [pool.submit(_noop) for _ in range(n)]
+        for f in warm:
+            f.result(timeout=STARTUP_TIMEOUT_S)
+    except Exception as e:
+        _kill(pool)
+        raise RuntimeError(f"math-verify worker processes failed to start: {e!r}") from e
     return pool
 
 
@@ -115,20 +154,36 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
-def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Optional[bool]]:
+def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S,
+                    checker: Optional[Callable[[str, str, int], Optional[bool]]] = None) -> List[Optional[bool]]:
     """Check ``(gold, prediction)`` pairs; ``None`` where the check timed out, failed,
-    or the gold answer cannot be parsed.  Each pair gets ``timeout_s`` seconds."""
+    or the gold answer cannot be parsed.  Each pair gets ``timeout_s`` seconds.
+
+    ``checker(gold, pred, inner_timeout_s)`` replaces the math-verify check; it runs in
+    the workers, so it must be a module-level function importable there.
+    """
+    check = checker or _check
     pairs = [(str(g), str(p)) for g, p in pairs]
     results: List[Optional[bool]] = [None] * len(pairs)
     inner = max(1, int(timeout_s))
     pending = list(range(len(pairs)))
+    broken = 0  # consecutive pool failures without progress
     while pending:
-        pool = _get_pool()
+        if broken >= 3:
+            logger.error("math-verify worker pool keeps failing; %d checks return None", len(pending))
+            break
         try:
-            futs = {i: pool.submit(_check, pairs[i][0], pairs[i][1], inner) for i in pending}
+            pool = _get_pool()
+        except RuntimeError as e:
+            logger.error("%s", e)
+            break
+        try:
+            futs = {i: pool.submit(check, pairs[i][0], pairs[i][1], inner) for i in pending}
         except Exception:  # the pool broke between checks (a worker died): start over
             _restart(pool)
+            broken += 1
             continue
+        broken = 0
         stats["calls"] += len(pending)
         rest: List[int] = []
         for k, i in enumerate(pending):

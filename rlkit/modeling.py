@@ -43,7 +43,9 @@ def build_inputs(prompt_ids: Sequence[Sequence[int]], response_ids: torch.Tensor
 def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                         temperature: float, need_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     logits = F.linear(h, weight, bias).float()
-    if temperature != 1.0:
+    if isinstance(temperature, torch.Tensor):      # one temperature per position [N]
+        logits = logits / temperature[:, None].to(logits)
+    elif temperature != 1.0:
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
@@ -55,19 +57,21 @@ def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return logp, ent
 
 
-def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
+def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                      need_entropy: bool = False, chunk_size: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``targets`` [N] and entropy under ``softmax(lm_head(hidden)/T)``; hidden is [N, H]."""
+    """Log-prob of ``targets`` [N] and entropy under ``softmax(lm_head(hidden)/T)``; hidden is [N, H].
+    ``temperature`` is a float or a [N] tensor (one temperature per position)."""
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     outs_lp, outs_ent = [], []
     grad = torch.is_grad_enabled() and hidden.requires_grad
     for s in range(0, hidden.shape[0], chunk_size):
         h = hidden[s:s + chunk_size]
         t = targets[s:s + chunk_size]
+        temp = temperature[s:s + chunk_size] if isinstance(temperature, torch.Tensor) else temperature
         if grad:
-            lp, ent = checkpoint(_chunk_logp_entropy, h, weight, bias, t, temperature, need_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logp_entropy, h, weight, bias, t, temp, need_entropy, use_reentrant=False)
         else:
-            lp, ent = _chunk_logp_entropy(h, weight, bias, t, temperature, need_entropy)
+            lp, ent = _chunk_logp_entropy(h, weight, bias, t, temp, need_entropy)
         outs_lp.append(lp)
         outs_ent.append(ent)
     if not outs_lp:
@@ -92,7 +96,9 @@ class PolicyModule(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, idx_rows, idx_pred, idx_resp, shape: Tuple[int, int],
-                temperature: float = 1.0, need_entropy: bool = False, return_hidden: bool = False):
+                temperature: float | torch.Tensor = 1.0, need_entropy: bool = False, return_hidden: bool = False):
+        """``temperature``: a float, or a [N] tensor with one temperature per real response position
+        (ordered like ``idx_rows``) for batches whose rows were sampled at different temperatures."""
         decoder, head = _decoder_and_head(self.lm)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hs = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -50,8 +50,9 @@ def make_model_dir(path: str, size: str = "tiny", seed: int = 0) -> str:
     tok = make_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       tie_word_embeddings=True, **SIZES[size])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    with torch.random.fork_rng(devices=[]):  # never perturb the caller's RNG stream
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

@@ -191,6 +191,9 @@ class Trainer:
         else:
             self.policy, self.optimizer = self.acc.prepare(self.policy, self.optimizer)
         self.acc.register_for_checkpointing(self.scheduler)  # stepped once per RL step, by us
+        from accelerate.utils import DistributedType
+
+        self._deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         self.unwrapped_lm = self.acc.unwrap_model(self.policy).lm
 
     # ----------------------------------------------------------------- resume
@@ -367,6 +370,8 @@ class Trainer:
                     batch = f(batch) if batch is not None and len(batch) else batch
                     for k, v in f.metrics().items():
                         ms.mean(k, v, 1)
+                    if getattr(f, "rescore_after", False) and batch is not None and len(batch):
+                        self._score(batch)  # rows kept from earlier steps: old/ref log-probs at the current weights
                 if batch is not None and len(batch):
                     if batch.token_weights is None:
                         batch.token_weights = torch.ones_like(batch.response_mask)
@@ -419,7 +424,8 @@ class Trainer:
             return parts_empty(self.pad_id)
         b = Batch.concat(parts, self.pad_id)
         groups = list(dict.fromkeys(b.group_ids.tolist()))
-        if len(groups) > n_groups:  # refill overshoot: keep the first groups, whole
+        if len(parts) > 1 and len(groups) > n_groups:  # refill overshoot: keep the first groups, whole
+            # (one round is never trimmed: a strategy may add groups of its own, e.g. an exploration round)
             keep = set(groups[:n_groups])
             b = b.select([i for i, g in enumerate(b.group_ids.tolist()) if g in keep])
         return b
@@ -428,9 +434,15 @@ class Trainer:
         ids, att, (r, p, c) = build_inputs(mb.prompt_ids, mb.response_ids, mb.response_mask, self.pad_id)
         dev = self.acc.device
         args = (ids.to(dev), att.to(dev), r.to(dev), p.to(dev), c.to(dev), tuple(mb.response_ids.shape))
+        temp = self.sampling.logprob_temperature
+        row_temp = mb.extras.get("logprob_temperature")  # optional per-row [S]; NaN or <= 0 = the default above
+        if row_temp is not None:
+            row_temp = row_temp.float()
+            row_temp = torch.where(torch.isnan(row_temp) | (row_temp <= 0), torch.full_like(row_temp, temp), row_temp)
+            temp = row_temp[r].to(dev)
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx:
-            out = module(*args, temperature=self.sampling.logprob_temperature, need_entropy=need_entropy, return_hidden=hidden)
+            out = module(*args, temperature=temp, need_entropy=need_entropy, return_hidden=hidden)
             v = self.critic(*args) if values and self.critic is not None else None
         return out, v
 
@@ -452,6 +464,12 @@ class Trainer:
 
     @torch.no_grad()
     def _score(self, batch: Batch) -> None:
+        """Fill old (and ref) log-probs, entropy and values.  Rows with a positive
+        ``extras["keep_old_logprobs"]`` (replayed experience) keep their stored
+        ``old_logprobs`` / ``ref_logprobs``."""
+        keep = batch.extras.get("keep_old_logprobs")
+        keep = keep > 0 if keep is not None else None  # NaN (row from a batch without the extra) = rescore
+        stored = {n: getattr(batch, n) for n in ("old_logprobs", "ref_logprobs")} if keep is not None and keep.any() else {}
         need_ent = "entropy" in self.needs
         lps, ents, vals, refs = [], [], [], []
         micro = self._microbatches(batch)
@@ -476,6 +494,9 @@ class Trainer:
             batch.values = batch.old_values = torch.cat(vals)[inv] * batch.response_mask
         if refs:
             batch.ref_logprobs = torch.cat(refs)[inv] * batch.response_mask
+        for name, old in stored.items():
+            if old is not None and getattr(batch, name) is not None:
+                setattr(batch, name, torch.where(keep[:, None], old, getattr(batch, name)))
 
     def _ref_logprobs(self, mb: Batch) -> torch.Tensor:
         if self.ref is not None:
@@ -524,6 +545,8 @@ class Trainer:
                         sub, scale = (mb.select([0]) if mb is not None else batch.select([0]) if S else None), 0.0
                     if sub is None:
                         sub, scale = self._dummy_batch(), 0.0
+                    if self._deepspeed:  # DeepSpeed steps inside backward: mark the accumulation boundary ourselves
+                        self.policy.set_gradient_accumulation_boundary(k == n_micro - 1)
                     sync = self.acc.no_sync(self.policy) if k < n_micro - 1 else nullcontext()
                     with sync:
                         loss, mterms = self._micro_loss(sub, norm, ms if scale else None, first=(epoch == 0))
