@@ -330,6 +330,7 @@ class Trainer:
                               samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer=self.tokenizer, step=step,
                               alloc_groups=self._alloc_groups, pad_id=self.pad_id)
         parts: List[Batch] = []
+        rolled: List[Batch] = []
         n_groups, rounds, generated_samples = 0, 0, 0
         self.engine.wake_up()
         with self._timer("rollout", timings):
@@ -338,6 +339,7 @@ class Trainer:
                 mine = idx[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
                 rows = [self.train_rows[i] for i in mine]
                 b = self.strategy(rows, rctx)
+                rolled.append(b)  # what the selector sees: every rollout of this step, before filters
                 generated_samples += len(b)
                 self._rollout_metrics(b, ms, prefix="rollout")
                 for k, v in self.strategy.metrics().items():
@@ -387,12 +389,12 @@ class Trainer:
         with self._timer("weight_sync", timings):
             self.engine.sync_weights(self.unwrapped_lm)
 
-        # 5. selector update and controllers
-        if len(parts) and parts[0] is not None:
-            sel_batch = Batch.concat([p for p in parts if len(p)], self.pad_id) if any(len(p) for p in parts) else None
-            if sel_batch is not None:
-                for k, v in self.selector.update(sel_batch).items():
-                    ms.mean(k, v, 1)
+        # 5. selector update (every rank calls it, with an empty batch if need be, so a selector may use
+        #    collectives; it sees all of this step's rollouts, including groups the filters dropped) and controllers
+        rolled = [p for p in rolled if p is not None and len(p)]
+        sel_batch = Batch.concat(rolled, self.pad_id) if rolled else parts_empty(self.pad_id)
+        for k, v in self.selector.update(sel_batch).items():
+            ms.mean(k, v, 1)
         if train_batch is not None:
             self._batch_metrics(train_batch, ms)
         self.step_idx = step

@@ -230,7 +230,7 @@ class PCLSelector(PromptSelector):
     def build_value_model(self, backbone: Optional[nn.Module] = None, tokenizer=None) -> PromptValueModel:
         """Load (or take) the backbone, build the head and the optimizer."""
         p = self.params
-        from ..modeling import DTYPES, load_backbone, load_tokenizer
+        from ..modeling import load_backbone, load_tokenizer
 
         own_path = p.model_path if p.mode == "separate" else None
         self._own_tokenizer = None
@@ -257,7 +257,6 @@ class PCLSelector(PromptSelector):
         self.vm = vm
         self.opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
         self._pad_id = self._pad_id_of(self._own_tokenizer or self.ctx.tokenizer)
-        del DTYPES
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._load_model_state(state)
@@ -294,39 +293,41 @@ class PCLSelector(PromptSelector):
             self._ids_cache[i] = ids
         return ids
 
-    def _features(self, idx: Sequence[int], grad: bool) -> torch.Tensor:
-        vm = self.vm
+    def _features(self, idx: Sequence[int]) -> torch.Tensor:
+        """frozen_base: features of rows ``idx`` from the frozen backbone (cached per row)."""
+        vm, mb = self.vm, self.params.micro_batch_size
+        cache = self._feat_cache if self.params.cache_features else {}
+        todo = [i for i in dict.fromkeys(idx) if i not in cache]
+        with torch.no_grad():
+            for s in range(0, len(todo), mb):
+                part = todo[s:s + mb]
+                f = vm.features(*_pad([self._prompt_ids(i) for i in part], self._pad_id, self.device))
+                for i, row in zip(part, f):
+                    cache[i] = row
+        return torch.stack([cache[i] for i in idx])
+
+    def _iter_pred(self, idx: Sequence[int]):
+        """(start, predictions) per micro-batch of rows ``idx``; with grad where the module trains."""
         mb = self.params.micro_batch_size
         if self.params.mode == "frozen_base":
-            todo = [i for i in dict.fromkeys(idx) if i not in self._feat_cache]
-            with torch.no_grad():
-                for s in range(0, len(todo), mb):
-                    part = todo[s:s + mb]
-                    f = vm.features(*_pad([self._prompt_ids(i) for i in part], self._pad_id, self.device))
-                    for i, row in zip(part, f):
-                        self._feat_cache[i] = row
-            feats = torch.stack([self._feat_cache[i] for i in idx]) if idx else torch.zeros(0, vm.head[0].in_features, device=self.device)
-            if not self.params.cache_features:
-                self._feat_cache = {}
-            return feats
-        raise AssertionError("unreachable")
+            feats = self._features(idx)
+            for s in range(0, len(idx), mb):
+                yield s, self.vm.head_forward(feats[s:s + mb])
+        else:
+            for s in range(0, len(idx), mb):
+                yield s, self.vm(*_pad([self._prompt_ids(i) for i in idx[s:s + mb]], self._pad_id, self.device))
 
     def predict(self, idx: Sequence[int]) -> torch.Tensor:
         """Predicted success rate of dataset rows ``idx`` (float32, on CPU), no grad."""
         vm = self._ensure()
         if not len(idx):
             return torch.zeros(0)
+        was = vm.training
+        vm.eval()
         with torch.no_grad():
-            if self.params.mode == "frozen_base":
-                return vm.head_forward(self._features(idx, grad=False)).float().cpu()
-            was = vm.backbone.training
-            vm.backbone.eval()
-            outs = []
-            mb = self.params.micro_batch_size
-            for s in range(0, len(idx), mb):
-                outs.append(vm(*_pad([self._prompt_ids(i) for i in idx[s:s + mb]], self._pad_id, self.device)).float().cpu())
-            vm.backbone.train(was)
-            return torch.cat(outs)
+            out = torch.cat([v.float().cpu() for _, v in self._iter_pred(list(idx))])
+        vm.train(was)
+        return out
 
     # ------------------------------------------------------------ select
     def _draw_pool(self, size: int) -> List[int]:
@@ -406,15 +407,6 @@ class PCLSelector(PromptSelector):
             merged[i] = (s0 + s, c0 + c)
         return merged
 
-    def _predict_grad(self, idx: List[int]) -> List[torch.Tensor]:
-        """Per micro-batch predictions with grad (``frozen_base``: head only)."""
-        vm = self.vm
-        mb = self.params.micro_batch_size
-        if self.params.mode == "frozen_base":
-            feats = self._features(idx, grad=False)
-            return [vm.head_forward(feats[s:s + mb]) for s in range(0, len(idx), mb)]
-        return [vm(*_pad([self._prompt_ids(i) for i in idx[s:s + mb]], self._pad_id, self.device)) for s in range(0, len(idx), mb)]
-
     def update(self, batch: Batch) -> Dict[str, float]:
         p = self.params
         t0 = time.perf_counter()
@@ -428,20 +420,19 @@ class PCLSelector(PromptSelector):
         target = torch.tensor([stats[i][0] / stats[i][1] for i in idx], dtype=torch.float32, device=self.device)
         params = [q for g in self.opt.param_groups for q in g["params"]]
         if p.mode == "separate":
-            vm.backbone.train()
+            vm.train()  # (dropout is off in rlkit-loaded models; train mode lets gradient checkpointing act)
         pre = None
-        for it in range(max(p.updates_per_step, 1)):
+        for _ in range(max(p.updates_per_step, 1)):
             self.opt.zero_grad(set_to_none=True)
             preds = []
-            mb = p.micro_batch_size
-            for s, v in zip(range(0, len(idx), mb), self._predict_grad(idx)) if p.mode == "frozen_base" else self._iter_sep(idx):
-                y = target[s:s + len(v)]
-                loss = ((v.float() - y) ** 2).sum()
-                if p.loss_reduction == "mean":
-                    loss = loss / len(idx)
-                if p.updates_per_step > 0:
-                    loss.backward()
-                preds.append(v.detach())
+            with torch.set_grad_enabled(p.updates_per_step > 0):
+                for s, v in self._iter_pred(idx):
+                    loss = ((v.float() - target[s:s + len(v)]) ** 2).sum()
+                    if p.loss_reduction == "mean":
+                        loss = loss / len(idx)
+                    if p.updates_per_step > 0:
+                        loss.backward()
+                    preds.append(v.detach())
             if pre is None:
                 pre = torch.cat(preds)
             if p.updates_per_step == 0:
@@ -450,8 +441,7 @@ class PCLSelector(PromptSelector):
                 torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if p.mode == "separate":
-            vm.backbone.eval()
+        vm.eval()
         pre_c, tgt_c = pre.float().cpu(), target.cpu()
         metrics.update({
             "pcl/value_loss": float(value_loss(pre_c, tgt_c, "mean")),
@@ -467,11 +457,6 @@ class PCLSelector(PromptSelector):
             if sv:
                 metrics["pcl/selected_pred_at_select"] = float(sum(sv) / len(sv))
         return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-
-    def _iter_sep(self, idx: List[int]):
-        mb = self.params.micro_batch_size
-        for s in range(0, len(idx), mb):
-            yield s, self.vm(*_pad([self._prompt_ids(i) for i in idx[s:s + mb]], self._pad_id, self.device))
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
