@@ -326,8 +326,12 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
             nxt = {}
             node[p] = nxt
         node = nxt
-    # setting a plugin's name replaces the whole spec, so the old plugin's params are dropped
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    if isinstance(value, dict) and isinstance(old, dict):
+        node[parts[-1]] = _deep_merge(old, value)  # a mapping updates a section (a new plugin name replaces it)
+    else:
+        # setting a plugin's name replaces the whole spec, so the old plugin's params are dropped
+        node[parts[-1]] = value
 
 
 def _deep_merge(base: Dict[str, Any], upd: Dict[str, Any]) -> Dict[str, Any]:

@@ -434,6 +434,8 @@ async def _await(x):
 def _to_float(v) -> float:
     if v is None:
         return math.nan
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"not a number: {v!r}")
     if hasattr(v, "item"):  # numpy / torch scalar
         v = v.item()
     return float(v)
@@ -600,7 +602,7 @@ def _clean_value(v: Any) -> Any:
                 try:
                     out[k] = _to_float(x)
                 except (TypeError, ValueError):
-                    out[k] = math.nan  # text extras (e.g. the parsed answer) are not logged as numbers
+                    pass  # text extras (e.g. the parsed answer) are not logged
         return out
     try:
         return _to_float(v)
