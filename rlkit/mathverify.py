@@ -20,7 +20,6 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import multiprocessing
-import multiprocessing.context
 import os
 import sys
 import threading
@@ -46,8 +45,18 @@ def configure(max_workers: Optional[int] = None) -> None:
 
 
 # ----------------------------------------------------------- worker side
-def _worker_init() -> None:
-    import math_verify  # noqa: F401  (import sympy once per worker, not per check)
+# Run first in every worker (as ``exec(_WORKER_BOOT, {})``, so nothing of rlkit has to be
+# unpickled to start one).  It registers a bare ``rlkit`` package, so unpickling the
+# checks imports only this stdlib-only module and not ``rlkit/__init__`` (which pulls in
+# torch: seconds of start-up and hundreds of MB per worker), then imports math-verify.
+_WORKER_BOOT = """
+import sys, types
+if "rlkit" not in sys.modules:
+    pkg = types.ModuleType("rlkit")
+    pkg.__path__ = [{pkg_dir!r}]
+    sys.modules["rlkit"] = pkg
+import math_verify
+"""
 
 
 def _noop() -> int:
@@ -91,29 +100,26 @@ def _main_hidden():
             main.__dict__.update(saved)
 
 
-class _SpawnProcess(multiprocessing.context.SpawnProcess):
-    @staticmethod
-    def _Popen(process_obj):
-        with _lock, _main_hidden():
-            return multiprocessing.context.SpawnProcess._Popen(process_obj)
-
-
-class _SpawnContext(multiprocessing.context.SpawnContext):
-    Process = _SpawnProcess
-
-
 def _new_pool() -> cf.ProcessPoolExecutor:
     n = _max_workers or max(1, min(2, os.cpu_count() or 1))
-    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=_SpawnContext(), initializer=_worker_init)
+    boot = _WORKER_BOOT.format(pkg_dir=os.path.dirname(os.path.abspath(__file__)))
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=exec, initargs=(boot, {}))
     # start every worker now, so process start-up is not charged to the first check's timeout
     try:
-        warm = [pool.submit(_noop) for _ in range(n)]
+        warm = [_submit(pool, _noop) for _ in range(n)]
         for f in warm:
             f.result(timeout=STARTUP_TIMEOUT_S)
     except Exception as e:
         _kill(pool)
         raise RuntimeError(f"math-verify worker processes failed to start: {e!r}") from e
     return pool
+
+
+def _submit(pool: cf.ProcessPoolExecutor, fn, *args) -> cf.Future:
+    # submit() is where the executor starts worker processes: keep __main__ out of them
+    with _lock, _main_hidden():
+        return pool.submit(fn, *args)
 
 
 def _get_pool() -> cf.ProcessPoolExecutor:
@@ -178,7 +184,7 @@ def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT
             logger.error("%s", e)
             break
         try:
-            futs = {i: pool.submit(check, pairs[i][0], pairs[i][1], inner) for i in pending}
+            futs = {i: _submit(pool, check, pairs[i][0], pairs[i][1], inner) for i in pending}
         except Exception:  # the pool broke between checks (a worker died): start over
             _restart(pool)
             broken += 1

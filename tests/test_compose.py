@@ -1,0 +1,96 @@
+"""Composition of TEMPO and D³S with the trainer, in process and launched the way users launch."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlkit.algorithms.d3s import D3SSamples, D3STokens
+from rlkit.config import load_config
+from rlkit.registry import CONTROLLERS, FILTERS, ROLLOUT_STRATEGIES
+from rlkit.trainer import Trainer
+from tests.conftest import REPO, tiny_overrides
+
+D3S = ["algorithm.filters=[{name: d3s_samples, keep: 0.5}]",
+       "algorithm.token_weighting=[{name: d3s_tokens, top_frac: 0.2}]",
+       "algorithm.controllers=[{name: d3s_schedule, samples_final: 1.0, tokens_final: 1.0}]"]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_finite(rows):
+    for r in rows:
+        bad = {k: v for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, (r["step"], bad)
+
+
+def _uec_overrides():
+    """The UEC entropy-band controller (docs/methods/uec.md) drives EFRame's exploration and replay."""
+    if "uec" not in CONTROLLERS or "eframe_filter" not in FILTERS or "eframe" not in ROLLOUT_STRATEGIES:
+        pytest.skip("uec controller not registered")
+    return ["rollout.strategy={name: eframe, explore_samples: 4}",
+            "algorithm.filters=[{name: eframe_filter}, {name: d3s_samples, keep: 0.5}]",
+            "algorithm.token_weighting=[{name: d3s_tokens, top_frac: 0.2}]",
+            "algorithm.controllers=[{name: d3s_schedule}, {name: uec, probe_samples: 4}]"]
+
+
+@pytest.mark.parametrize("variant", ["tempo+ppo_clip", "grpo+gspo", "tempo+uec"])
+def test_tempo_d3s_schedule_in_process(tmp_path, echo_rows, variant):
+    adv, extra = variant.split("+")
+    over = ["algorithm.advantage=" + adv]
+    over += _uec_overrides() if extra == "uec" else D3S + ["algorithm.policy_loss=" + extra]
+    total = 4
+    cfg = load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": total}) + over)
+    tr = Trainer(cfg, train_rows=echo_rows)
+    assert "entropy" in tr.needs and tr.score_pass                # d3s_tokens reads the scoring pass's entropy
+    sampler = next(f for f in tr.post_filters if isinstance(f, D3SSamples))
+    weighting = next(w for w in tr.token_weighting if isinstance(w, D3STokens))
+    tr.train()
+    m = read_metrics(tr.run_dir)
+    assert [r["step"] for r in m] == list(range(1, total + 1))
+    check_finite(m)
+    if extra != "uec":
+        assert all("loss/policy" in r and "d3s/kept_samples" in r for r in m)
+        assert m[0]["d3s/keep"] == 0.5 and m[0]["train/kept_token_frac"] <= 0.2 + 1e-6
+        assert m[0]["train/samples"] <= 8                         # <= half of 4 prompts x 4 samples
+    # the schedule reached the relaxed end: step 4 of 4 runs with everything
+    assert sampler.params.keep == pytest.approx(1.0) and weighting.params.top_frac == pytest.approx(1.0)
+    assert m[-1]["d3s/schedule_progress"] == 1.0
+
+
+def test_schedule_survives_resume(tmp_path, echo_rows):
+    over = ["algorithm.advantage=tempo"] + D3S
+    kw = {"trainer.total_steps": 4}
+    a = Trainer(load_config(tiny_overrides(tmp_path / "a", **kw) + over), train_rows=echo_rows)
+    a.train()
+    b = Trainer(load_config(tiny_overrides(tmp_path / "b", **kw) + over), train_rows=echo_rows)
+    b.step(); b.step()
+    b.save_checkpoint()
+    del b
+    c = Trainer(load_config(tiny_overrides(tmp_path / "b", **kw, **{"trainer.resume": "auto"}) + over), train_rows=echo_rows)
+    assert c.step_idx == 2
+    c.train()
+    ma, mc = read_metrics(a.run_dir), read_metrics(c.run_dir)
+    for k in ("d3s/keep", "d3s/kept_samples", "train/kept_token_frac", "reward/mean", "loss/policy"):
+        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+
+
+# ------------------------------------------------------------- end to end
+@pytest.mark.parametrize("recipe", ["grpo_tempo", "grpo_d3s", "grpo_tempo_d3s"])
+def test_recipe_tiny_profile_reward_rises(tmp_path, recipe, toy_model_dir):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "launch/train.py", f"recipe=recipes/{recipe}.yaml", "profile=tiny",
+           f"trainer.output_dir={tmp_path}"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    m = read_metrics(tmp_path / f"{recipe}_tiny")
+    assert [r["step"] for r in m] == list(range(1, 21))
+    check_finite(m)
+    r = [x["reward/mean"] for x in m]
+    first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
+    assert last > first + 0.04 and last > 2 * first, r
