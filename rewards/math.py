@@ -6,7 +6,9 @@ extraction (so the final ``\\boxed{...}`` is found).  The checks run in worker
 processes with a per-check timeout (see ``rlkit.mathverify``).
 
 Returns 1.0 / 0.0, or ``None`` (skipped) when the gold answer is missing or
-cannot be parsed, or the check timed out.
+cannot be parsed, or the check timed out.  Each check has its own timeout
+(``timeout_s``), so the reward manager's per-call timeout is not applied
+(``handles_timeout``).
 """
 from rlkit.answers import completion_text, extract_gsm8k_gold
 from rlkit.mathverify import math_equal_many
@@ -22,3 +24,6 @@ def math_verify(completions, answer, timeout_s=10.0, **kwargs):
     for i, ok in zip(todo, checked):
         scores[i] = None if ok is None else float(ok)
     return scores
+
+
+math_verify.handles_timeout = True

@@ -11,7 +11,9 @@ def plugins() -> None:
         print(f"{reg.hook}: {reg.doc}")
         for name in reg.names():
             obj = reg.get(name)
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            own = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+            mod = sys.modules.get(getattr(obj, "__module__", ""), None)
+            doc = (own or getattr(mod, "__doc__", None) or "").strip().splitlines()
             print(f"  {name:28s} {doc[0] if doc else ''}")
 
 

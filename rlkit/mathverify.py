@@ -161,15 +161,20 @@ atexit.register(shutdown)
 
 
 def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S,
-                    checker: Optional[Callable[[str, str, int], Optional[bool]]] = None) -> List[Optional[bool]]:
+                    checker: Optional[Callable[[str, str, int], Optional[bool]]] = None,
+                    boxed_pred: bool = False) -> List[Optional[bool]]:
     """Check ``(gold, prediction)`` pairs; ``None`` where the check timed out, failed,
     or the gold answer cannot be parsed.  Each pair gets ``timeout_s`` seconds.
+
+    The prediction is a completion (its final ``\\boxed{}``, ``$...$`` or expression is
+    found); with ``boxed_pred=True`` it is a bare answer (e.g. the content of a box,
+    ``"3\\pi"``) and is wrapped in ``\\boxed{}`` first, since bare LaTeX parses poorly.
 
     ``checker(gold, pred, inner_timeout_s)`` replaces the math-verify check; it runs in
     the workers, so it must be a module-level function importable there.
     """
     check = checker or _check
-    pairs = [(str(g), str(p)) for g, p in pairs]
+    pairs = [(str(g), "\\boxed{" + str(p) + "}" if boxed_pred else str(p)) for g, p in pairs]
     results: List[Optional[bool]] = [None] * len(pairs)
     inner = max(1, int(timeout_s))
     pending = list(range(len(pairs)))
@@ -218,6 +223,6 @@ def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT
     return results
 
 
-def math_equal(gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional[bool]:
+def math_equal(gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S, boxed_pred: bool = False) -> Optional[bool]:
     """Is ``pred`` mathematically equal to ``gold``?  ``None`` on timeout, error or unparseable gold."""
-    return math_equal_many([(gold, pred)], timeout_s)[0]
+    return math_equal_many([(gold, pred)], timeout_s, boxed_pred=boxed_pred)[0]

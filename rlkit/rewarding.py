@@ -28,7 +28,9 @@ is abandoned after ``reward.timeout_s`` seconds.  Python cannot kill a thread, s
 function that hangs forever keeps its thread (and whatever it holds) until the
 process exits; the samples get ``None`` and the timeout is counted like an error.
 math-verify checks have their own timeout in a worker process pool that *is*
-killed (see :mod:`rlkit.mathverify`).
+killed (see :mod:`rlkit.mathverify`).  A function that bounds its own time sets
+``fn.handles_timeout = True`` (as ``math_verify`` does) and is called directly: a batch
+of slow-but-finite checks then completes instead of being dropped as a whole.
 """
 from __future__ import annotations
 
@@ -164,7 +166,9 @@ def _base_fn(fn: Callable) -> Callable:
 def resolve_reward(spec: Any, weight: Optional[float] = None) -> RewardFn:
     """Turn one ``reward.functions`` entry (or a callable) into a :class:`RewardFn`."""
     target, spec_weight, kwargs, convention = _split_spec(spec)
-    if callable(target):
+    if isinstance(target, BuiltinReward):
+        fn, name = target.load(), target.name
+    elif callable(target):
         fn, name = target, getattr(_base_fn(target), "__name__", None) or type(target).__name__
     elif isinstance(target, str) and target:
         fn, name = _resolve_target(target)
@@ -546,8 +550,9 @@ class Rewarder:
         """-> (list of n values or None, None | "error" | "timeout")."""
         if isinstance(rf.fn, functools.partial):  # recipe-bound params win over same-named columns
             kwargs = {k: v for k, v in kwargs.items() if k not in rf.fn.keywords}
+        timeout = None if getattr(_base_fn(rf.fn), "handles_timeout", False) else self.timeout_s
         try:
-            out = _call_with_timeout(rf.fn, kwargs, self.timeout_s)
+            out = _call_with_timeout(rf.fn, kwargs, timeout)
             out = [_clean_value(v) for v in _check_output(out, n)]
             return out, None
         except Exception as e:  # noqa: BLE001

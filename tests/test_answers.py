@@ -121,6 +121,9 @@ def test_math_equal_equivalences():
     ])
     assert res == [True, True, True, True, False]
     assert mathverify.math_equal_many([]) == []
+    # bare answers (box contents) are wrapped first: bare "3\\pi" would parse as 3
+    assert mathverify.math_equal_many([("3\\pi", "3\\pi"), ("3", "3\\pi"), ("(1,2)", "(1, 2)")], boxed_pred=True) \
+        == [True, False, True]
 
 
 def _slow_check(gold, pred, inner_timeout):

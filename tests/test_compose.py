@@ -56,7 +56,7 @@ def test_tempo_d3s_schedule_in_process(tmp_path, echo_rows, variant):
     check_finite(m)
     if extra != "uec":
         assert all("loss/policy" in r and "d3s/kept_samples" in r for r in m)
-        assert m[0]["d3s/keep"] == 0.5 and m[0]["train/kept_token_frac"] <= 0.2 + 1e-6
+        assert m[0]["d3s/keep"] == 0.5 and m[0]["train/kept_token_frac"] < 0.3      # ceil(0.2 x count)
         assert m[0]["train/samples"] <= 8                         # <= half of 4 prompts x 4 samples
     # the schedule reached the relaxed end: step 4 of 4 runs with everything
     assert sampler.params.keep == pytest.approx(1.0) and weighting.params.top_frac == pytest.approx(1.0)
