@@ -74,66 +74,74 @@ def summarize_lengths(lengths: List[int]) -> Dict[str, float]:
 
 
 # --------------------------------------------------------------------- rlkit
-def run_rlkit(model_dir: str, rows, args, workdir: str) -> Dict[str, Any]:
-    from rlkit.config import load_config
-    from rlkit.trainer import Trainer
+class RlkitRunner:
+    """An in-process rlkit ``Trainer`` on the workload; ``step()`` runs and records one RL step."""
 
-    n = args.warmup + args.steps
-    overrides = {
-        "model.name_or_path": model_dir,
-        "model.dtype": "float32",
-        "data.prompt_field": "question",
-        "data.answer_field": "answer",
-        "data.max_prompt_tokens": 64,
-        "rollout.samples_per_prompt": SAMPLES,
-        "rollout.max_new_tokens": NEW_TOKENS,
-        "rollout.temperature": 1.0,
-        "reward.functions": "[" + str(REPO / "rewards" / "toy.py") + ":echo]",
-        "algorithm.advantage": "grpo",
-        "algorithm.policy_loss": "ppo_clip",
-        "algorithm.aggregation": LOSS_TYPES[args.loss_type],
-        "algorithm.kl.coef": 0.0,
-        "trainer.prompts_per_step": PROMPTS,
-        "trainer.ppo_epochs": 1,
-        "trainer.total_steps": n,
-        "trainer.lr": args.lr,
-        "trainer.max_grad_norm": 1.0,
-        "trainer.lr_schedule": "constant",
-        "trainer.output_dir": workdir,
-        "trainer.run_name": "bench",
-        "trainer.progress_bar": False,
-        "trainer.tensorboard": False,
-        "trainer.log_completions": False,
-        "trainer.save_final": False,
-    }
-    cfg = load_config([f"{k}={v}" for k, v in overrides.items()])
-    tr = Trainer(cfg, train_rows=[dict(r) for r in rows])
-    opt_steps = [0]
-    inner = getattr(tr.optimizer, "optimizer", tr.optimizer)  # accelerate wraps the torch optimizer
-    inner.register_step_post_hook(lambda *_: opt_steps.__setitem__(0, opt_steps[0] + 1))
+    def __init__(self, model_dir: str, rows, args, workdir: str):
+        from rlkit.config import load_config
+        from rlkit.trainer import Trainer
 
-    steps = []
-    for i in range(n):
-        torch.set_num_threads(args.threads)
-        before = opt_steps[0]
+        self.args = args
+        overrides = {
+            "model.name_or_path": model_dir,
+            "model.dtype": "float32",
+            "data.prompt_field": "question",
+            "data.answer_field": "answer",
+            "data.max_prompt_tokens": 64,
+            "rollout.samples_per_prompt": SAMPLES,
+            "rollout.max_new_tokens": NEW_TOKENS,
+            "rollout.temperature": 1.0,
+            "reward.functions": "[" + str(REPO / "rewards" / "toy.py") + ":echo]",
+            "algorithm.advantage": "grpo",
+            "algorithm.policy_loss": "ppo_clip",
+            "algorithm.aggregation": LOSS_TYPES[args.loss_type],
+            "algorithm.kl.coef": 0.0,
+            "trainer.prompts_per_step": PROMPTS,
+            "trainer.ppo_epochs": 1,
+            "trainer.total_steps": args.warmup + args.steps,
+            "trainer.lr": args.lr,
+            "trainer.max_grad_norm": 1.0,
+            "trainer.lr_schedule": "constant",
+            "trainer.output_dir": workdir,
+            "trainer.run_name": "bench",
+            "trainer.progress_bar": False,
+            "trainer.tensorboard": False,
+            "trainer.log_completions": False,
+            "trainer.save_final": False,
+        }
+        cfg = load_config([f"{k}={v}" for k, v in overrides.items()])  # trainer.mixed_precision defaults to "no"
+        self.tr = Trainer(cfg, train_rows=[dict(r) for r in rows])
+        self.opt_steps = 0
+        inner = getattr(self.tr.optimizer, "optimizer", self.tr.optimizer)  # accelerate wraps the torch optimizer
+        inner.register_step_post_hook(self._count)
+        self.steps: List[Dict[str, Any]] = []
+
+    def _count(self, *_):
+        self.opt_steps += 1
+
+    def step(self) -> Dict[str, Any]:
+        torch.set_num_threads(self.args.threads)
+        before = self.opt_steps
         t0 = time.perf_counter()
-        m = tr.step()
+        m = self.tr.step()
         wall = time.perf_counter() - t0
         st = {k: float(m.get(f"time/{k}", 0.0)) for k in STAGES if k != "other"}
         st["other"] = wall - sum(st.values())
-        steps.append({
-            "step": wall, **st, "warmup": i < args.warmup,
-            "completions": float(m.get("train/samples", float("nan"))),
-            "optimizer_steps": opt_steps[0] - before,
+        rec = {
+            "step": wall, **st, "warmup": len(self.steps) < self.args.warmup,
+            "completions": float(m.get("train/samples", float("nan"))), "optimizer_steps": self.opt_steps - before,
             "length_min": m.get("response_length/min"), "length_max": m.get("response_length/max"),
-            "length_mean": m.get("response_length/mean"), "truncation_rate": m.get("truncation_rate"),
-            "logprob_gap": m.get("logprob_gap/mean"), "reward": m.get("reward/mean"),
-        })
-    dtypes = sorted({str(p.dtype) for p in tr.unwrapped_lm.parameters()})
-    info = {"score_pass": bool(tr.score_pass), "param_dtypes": dtypes, "threads_after": torch.get_num_threads(),
-            "mixed_precision": str(tr.acc.mixed_precision)}
-    del tr
-    return {"steps": steps, "info": info}
+            "length_mean": m.get("response_length/mean"), "logprob_gap": m.get("logprob_gap/mean"),
+            "reward": m.get("reward/mean"),
+        }
+        self.steps.append(rec)
+        return rec
+
+    def info(self) -> Dict[str, Any]:
+        tr = self.tr
+        return {"score_pass": bool(tr.score_pass), "minibatches": tr.num_minibatches,
+                "param_dtypes": sorted({str(p.dtype) for p in tr.unwrapped_lm.parameters()}),
+                "mixed_precision": str(tr.acc.mixed_precision), "threads_after": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------- TRL
@@ -145,44 +153,55 @@ def trl_available() -> bool:
         return False
 
 
-def run_trl(model_dir: str, rows, args, workdir: str) -> Dict[str, Any]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+class TRLRunner:
+    """TRL ``GRPOTrainer`` on the same workload.  ``train(between)`` runs all its steps and calls
+    ``between()`` after each one (outside TRL's clock), which interleaves the two trainers step by step."""
 
-    from rewards.toy import echo
+    def __init__(self, model_dir: str, rows, args, workdir: str):
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from trl import GRPOConfig, GRPOTrainer
 
-    n = args.warmup + args.steps
-    # the same 8 prompts, in the same order, once per step (sequential sampler: step k = rows 8k..8k+7)
-    ds = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for _ in range(n) for r in rows])
-    batches: List[Dict[str, Any]] = []
+        from rewards.toy import echo
 
-    def echo_reward(completions, answer, completion_ids=None, **kwargs):
-        batches.append({"n": len(completions), "lengths": [len(c) for c in completion_ids]})
-        return echo(completions, answer)
+        self.args = args
+        n = args.warmup + args.steps
+        # the same 8 prompts, in the same order, once per step (no shuffling: step k = rows 8k..8k+7)
+        ds = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for _ in range(n) for r in rows])
+        self.batches: List[Dict[str, Any]] = []
 
-    echo_reward.__name__ = "echo"
+        def echo_reward(completions, answer, completion_ids=None, **kwargs):  # the same function rlkit calls
+            self.batches.append({"n": len(completions), "lengths": [len(c) for c in completion_ids]})
+            return echo(completions, answer)
 
-    cfg = GRPOConfig(
-        output_dir=os.path.join(workdir, "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=PROMPTS * SAMPLES, gradient_accumulation_steps=1, num_generations=SAMPLES,
-        max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
-        temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, scale_rewards="group",
-        loss_type=args.loss_type, mask_truncated_completions=False, disable_dropout=True,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=n, seed=42,
-        shuffle_dataset=False, dataloader_num_workers=0, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = GRPOTrainer(model=model, reward_funcs=echo_reward, args=cfg, train_dataset=ds, processing_class=tok)
+        echo_reward.__name__ = "echo"
+        self.cfg = GRPOConfig(
+            output_dir=os.path.join(workdir, "trl"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            per_device_train_batch_size=PROMPTS * SAMPLES, gradient_accumulation_steps=1, num_generations=SAMPLES,
+            max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
+            temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, scale_rewards="group",
+            loss_type=args.loss_type, mask_truncated_completions=False, disable_dropout=True,
+            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=n, seed=42,
+            shuffle_dataset=False, dataloader_num_workers=0, logging_strategy="no", save_strategy="no",
+            eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.trainer = GRPOTrainer(model=model, reward_funcs=echo_reward, args=self.cfg, train_dataset=ds, processing_class=tok)
+        for cb in (PrinterCallback, ProgressCallback):  # the end-of-training summary print
+            self.trainer.remove_callback(cb)
+        self.acc: Dict[str, float] = defaultdict(float)
+        self.calls: Dict[str, int] = defaultdict(int)
+        for name in ("training_step", "_prepare_inputs", "_generate_and_score_completions", "_generate",
+                     "_calculate_rewards", "_clip_grad_norm", "_get_per_token_logps_and_entropies"):
+            self._wrap(name)
+        self.steps: List[Dict[str, Any]] = []
 
-    acc: Dict[str, float] = defaultdict(float)
-    calls: Dict[str, int] = defaultdict(int)
-
-    def wrap(name: str) -> None:
-        orig = getattr(trainer, name)
+    def _wrap(self, name: str) -> None:
+        orig = getattr(self.trainer, name)
+        acc, calls = self.acc, self.calls
 
         def timed(*a, **kw):
             t = time.perf_counter()
@@ -192,70 +211,75 @@ def run_trl(model_dir: str, rows, args, workdir: str) -> Dict[str, Any]:
                 acc[name] += time.perf_counter() - t
                 calls[name] += 1
 
-        setattr(trainer, name, timed)
+        setattr(self.trainer, name, timed)  # instance attribute: TRL calls these as self.<name>(...)
 
-    for name in ("training_step", "_prepare_inputs", "_generate_and_score_completions", "_generate",
-                 "_calculate_rewards", "_clip_grad_norm", "_get_per_token_logps_and_entropies"):
-        wrap(name)
+    def train(self, between=None) -> None:
+        from transformers import TrainerCallback
 
-    steps: List[Dict[str, Any]] = []
+        runner, acc, calls, args = self, self.acc, self.calls, self.args
 
-    class StepTimer(TrainerCallback):
-        last_end = None
-        t_opt = 0.0
+        class StepTimer(TrainerCallback):
+            resume = 0.0
+            t_opt = 0.0
 
-        def on_train_begin(self, *a, **kw):
-            self.last_end = time.perf_counter()
+            def on_train_begin(self, *a, **kw):
+                self.resume = time.perf_counter()
 
-        def on_step_begin(self, *a, **kw):
-            torch.set_num_threads(args.threads)
+            def on_step_begin(self, *a, **kw):
+                torch.set_num_threads(args.threads)
 
-        def on_pre_optimizer_step(self, *a, **kw):
-            self.t_opt = time.perf_counter()
+            def on_pre_optimizer_step(self, *a, **kw):
+                self.t_opt = time.perf_counter()
 
-        def on_optimizer_step(self, *a, **kw):
-            acc["optimizer.step"] += time.perf_counter() - self.t_opt
-            calls["optimizer.step"] += 1
+            def on_optimizer_step(self, *a, **kw):
+                acc["optimizer.step"] += time.perf_counter() - self.t_opt
+                calls["optimizer.step"] += 1
 
-        def on_step_end(self, *a, **kw):
-            now = time.perf_counter()
-            wall, self.last_end = now - self.last_end, now
-            a_ = dict(acc)
-            c_ = dict(calls)
-            acc.clear()
-            calls.clear()
-            g = lambda k: a_.get(k, 0.0)  # noqa: E731
-            st = {"rollout": g("_generate"), "reward": g("_calculate_rewards"), "score": 0.0,
-                  "advantage": g("_generate_and_score_completions") - g("_generate") - g("_calculate_rewards"),
-                  "train": g("training_step") - g("_prepare_inputs") + g("_clip_grad_norm") + g("optimizer.step"),
-                  "weight_sync": 0.0}
-            st["other"] = wall - sum(st.values())
-            b = batches[-1] if batches else {"n": 0, "lengths": []}
-            lens = summarize_lengths(b["lengths"])
-            steps.append({
-                "step": wall, **st, "warmup": len(steps) < args.warmup, "completions": float(b["n"]),
-                "optimizer_steps": c_.get("optimizer.step", 0),
-                "logprob_forwards": c_.get("_get_per_token_logps_and_entropies", 0),
-                "length_min": lens.get("min"), "length_max": lens.get("max"), "length_mean": lens.get("mean"),
-            })
+            def on_step_end(self, *a, **kw):
+                wall = time.perf_counter() - self.resume
+                a_, c_ = dict(acc), dict(calls)
+                acc.clear()
+                calls.clear()
+                g = lambda k: a_.get(k, 0.0)  # noqa: E731
+                st = {"rollout": g("_generate"), "reward": g("_calculate_rewards"), "score": 0.0,
+                      "advantage": g("_generate_and_score_completions") - g("_generate") - g("_calculate_rewards"),
+                      "train": g("training_step") - g("_prepare_inputs") + g("_clip_grad_norm") + g("optimizer.step"),
+                      "weight_sync": 0.0}
+                st["other"] = wall - sum(st.values())
+                b = runner.batches[-1] if runner.batches else {"n": 0, "lengths": []}
+                lens = summarize_lengths(b["lengths"])
+                runner.steps.append({
+                    "step": wall, **st, "warmup": len(runner.steps) < args.warmup, "completions": float(b["n"]),
+                    "optimizer_steps": c_.get("optimizer.step", 0),
+                    "logprob_forwards": c_.get("_get_per_token_logps_and_entropies", 0),
+                    "length_min": lens.get("min"), "length_max": lens.get("max"), "length_mean": lens.get("mean"),
+                })
+                if between is not None:
+                    between()
+                self.resume = time.perf_counter()  # TRL's next interval starts after the other trainer's step
 
-    trainer.add_callback(StepTimer())
-    torch.set_num_threads(args.threads)
-    trainer.train()
-    dtypes = sorted({str(p.dtype) for p in trainer.model.parameters()})
-    info = {"param_dtypes": dtypes, "threads_after": torch.get_num_threads(),
-            "mixed_precision": str(trainer.accelerator.mixed_precision), "loss_type": cfg.loss_type,
-            "steps_per_generation": cfg.steps_per_generation, "generation_batch_size": cfg.generation_batch_size,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "device": str(trainer.accelerator.device),
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__}
-    del trainer, model
-    return {"steps": steps, "info": info}
+        self.trainer.add_callback(StepTimer())
+        torch.set_num_threads(args.threads)
+        self.trainer.train()
+
+    def info(self) -> Dict[str, Any]:
+        t, c = self.trainer, self.cfg
+        opt = getattr(t.optimizer, "optimizer", t.optimizer)
+        return {"loss_type": c.loss_type, "steps_per_generation": c.steps_per_generation,
+                "generation_batch_size": c.generation_batch_size, "gradient_checkpointing": c.gradient_checkpointing,
+                "param_dtypes": sorted({str(p.dtype) for p in t.model.parameters()}),
+                "mixed_precision": str(t.accelerator.mixed_precision), "device": str(t.accelerator.device),
+                "optimizer": type(opt).__name__, "threads_after": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------- report
-def medians(steps: List[Dict[str, Any]]) -> Dict[str, float]:
-    timed = [s for s in steps if not s["warmup"]]
-    return {k: statistics.median(s[k] for s in timed) for k in STAGES + ["step"]} if timed else {}
+def timed(steps: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [s for s in steps if not s["warmup"]]
+
+
+def stat(steps: List[Dict[str, Any]], fn) -> Dict[str, float]:
+    t = timed(steps)
+    return {k: fn([s[k] for s in t]) for k in STAGES + ["step"]} if t else {}
 
 
 def versions() -> Dict[str, str]:
@@ -292,37 +316,42 @@ def check(name: str, steps: List[Dict[str, Any]]) -> List[str]:
     return bad
 
 
-def table(ours: Dict[str, float], trl: Dict[str, float] | None) -> str:
-    head = f"{'stage':<12} {'rlkit s/step':>13}"
+def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[str, float], trl_min: Dict[str, float] | None) -> str:
+    def ratio(a, b):
+        return f"{a / b:>10.2f}" if b > 1e-4 else f"{'-':>10}"
+
+    head = f"{'stage':<12} {'rlkit':>9}"
     if trl:
-        head += f" {'TRL s/step':>11} {'rlkit/TRL':>10}"
+        head += f" {'TRL':>9} {'rlkit/TRL':>10}   | min: {'rlkit':>7} {'TRL':>7}"
+    else:
+        head += f"   | min: {'rlkit':>7}"
     lines = [head, "-" * len(head)]
     for k in STAGES + ["step"]:
-        row = f"{k:<12} {ours[k]:>13.4f}"
-        if trl:
-            ratio = ours[k] / trl[k] if trl[k] > 1e-4 else float("nan")
-            row += f" {trl[k]:>11.4f} {ratio:>10.2f}" if ratio == ratio else f" {trl[k]:>11.4f} {'-':>10}"
         if k == "step":
             lines.append("-" * len(head))
+        row = f"{k:<12} {ours[k]:>9.4f}"
+        if trl:
+            row += f" {trl[k]:>9.4f} {ratio(ours[k], trl[k])}   |      {ours_min[k]:>7.4f} {trl_min[k]:>7.4f}"
+        else:
+            row += f"   |      {ours_min[k]:>7.4f}"
         lines.append(row)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and trainer")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
-    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds (rlkit,TRL,TRL,rlkit,...)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per trainer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first, per trainer")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both trainers")
     p.add_argument("--size", default="tiny", help="rlkit.toy size (tiny: 2 layers, hidden 64)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss-type", choices=sorted(LOSS_TYPES), default="grpo",
                    help="TRL loss_type; rlkit runs the matching aggregation (grpo: seq_mean_token_mean, dapo: token_mean)")
     p.add_argument("--no-trl", action="store_true", help="time rlkit only")
-    p.add_argument("--json", metavar="OUT", help="write settings, versions, per-step times and medians here")
+    p.add_argument("--json", metavar="OUT", help="write settings, versions, per-step times and summaries here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
-        p.error("--steps, --warmup and --rounds must be >= 1 (TRL's first interval includes its start-up)")
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1 (TRL's first step includes its start-up)")
 
     import logging
     import warnings
@@ -338,61 +367,74 @@ def main(argv=None) -> int:
     with_trl = not args.no_trl and trl_available()
     vers = versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
-    print(f"threads: torch.set_num_threads({args.threads}) (os.cpu_count()={os.cpu_count()}); interop threads "
-          f"{torch.get_num_interop_threads()}")
+    print(f"threads: torch.set_num_threads({args.threads}) for both (os.cpu_count()={os.cpu_count()}, "
+          f"interop threads {torch.get_num_interop_threads()})")
     print(f"workload: {PROMPTS} prompts x {SAMPLES} samples = {PROMPTS * SAMPLES} completions/step, {NEW_TOKENS} new tokens, "
-          f"toy:{args.size} fp32, lr {args.lr}, loss {args.loss_type} <-> rlkit {LOSS_TYPES[args.loss_type]}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
+          f"toy:{args.size} fp32, lr {args.lr}, TRL loss_type={args.loss_type} <-> rlkit aggregation={LOSS_TYPES[args.loss_type]}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps each" + (", interleaved step by step (TRL, rlkit, TRL, ...)" if with_trl else ""))
     if not with_trl:
         print("TRL: " + ("skipped (--no-trl)" if args.no_trl else "not importable; `pip install trl==1.16.0` to compare"))
 
-    runs: Dict[str, List[Dict[str, Any]]] = {"rlkit": [], "trl": []}
-    infos: Dict[str, Any] = {}
+    def progress(i, o, t=None):
+        msg = f"  step {i + 1:>3}{' (warm-up)' if i < args.warmup else ''}: rlkit {o['step']:.3f}s"
+        if t is not None:
+            msg += f"  TRL {t['step']:.3f}s"
+        print(msg, file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="rlkit_bench_") as tmp:
         os.environ["RLKIT_CACHE"] = os.path.join(tmp, "cache")
         model_dir = make_model_dir(tmp, args.size)
         rows = prompt_rows()
-        order: List[str] = []
-        for r in range(args.rounds):
-            pair = ["rlkit", "trl"] if r % 2 == 0 else ["trl", "rlkit"]
-            order += [x for x in pair if x == "rlkit" or with_trl]
-        for k, who in enumerate(order):
-            t0 = time.perf_counter()
-            fn = run_rlkit if who == "rlkit" else run_trl
-            res = fn(model_dir, rows, args, os.path.join(tmp, f"run{k}"))
-            runs[who] += res["steps"]
-            infos[who] = res["info"]
-            med = medians(res["steps"])
-            print(f"  [{k + 1}/{len(order)}] {who:<5} median step {med['step']:.4f}s  ({time.perf_counter() - t0:.1f}s incl. setup)",
-                  flush=True)
+        ours = RlkitRunner(model_dir, rows, args, os.path.join(tmp, "rlkit"))
+        theirs = None
+        if with_trl:
+            theirs = TRLRunner(model_dir, rows, args, os.path.join(tmp, "trl"))
 
-    problems = check("rlkit", runs["rlkit"]) + (check("trl", runs["trl"]) if with_trl else [])
-    ours = medians(runs["rlkit"])
-    theirs = medians(runs["trl"]) if with_trl else None
-    n_timed = sum(not s["warmup"] for s in runs["rlkit"])
+            def between():
+                o = ours.step()
+                progress(len(ours.steps) - 1, o, theirs.steps[-1])
+
+            theirs.train(between)
+        else:
+            for i in range(args.warmup + args.steps):
+                progress(i, ours.step())
+        infos = {"rlkit": ours.info(), **({"trl": theirs.info()} if theirs else {})}
+        runs = {"rlkit": ours.steps, **({"trl": theirs.steps} if theirs else {})}
+
+    problems = check("rlkit", runs["rlkit"]) + (check("trl", runs["trl"]) if theirs else [])
+    med_o, min_o = stat(runs["rlkit"], statistics.median), stat(runs["rlkit"], min)
+    med_t = stat(runs["trl"], statistics.median) if theirs else None
+    min_t = stat(runs["trl"], min) if theirs else None
     print()
-    print(f"median seconds per step over {n_timed} timed steps per trainer")
-    print(table(ours, theirs))
-    ratio = ours["step"] / theirs["step"] if theirs else None
+    print(f"seconds per step: median (and min) over {len(timed(runs['rlkit']))} timed steps per trainer; "
+          f"stage medians need not add up to the step median")
+    print(table(med_o, med_t, min_o, min_t))
+    ratio = paired = None
     if theirs:
-        print(f"\nrlkit / TRL step time: {ratio:.2f}x  ({'rlkit faster' if ratio < 1 else 'rlkit slower'})")
+        ratio = med_o["step"] / med_t["step"]
+        pairs = [o["step"] / t["step"] for o, t in zip(runs["rlkit"], runs["trl"]) if not o["warmup"]]
+        paired = statistics.median(pairs)
+        print(f"\nrlkit / TRL step time: {ratio:.2f}x (ratio of medians); {paired:.2f}x (median of per-step ratios, "
+              f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima)")
     for who, info in infos.items():
         print(f"{who}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    lens = [s["length_mean"] for v in runs.values() for s in v if not s["warmup"]]
-    if lens:
-        print(f"completion length: mean over timed steps {sum(lens) / len(lens):.2f} tokens (want {NEW_TOKENS})")
+    gaps = [s["logprob_gap"] for s in timed(runs["rlkit"]) if s.get("logprob_gap") is not None]
+    if gaps:
+        print(f"rlkit logprob_gap/mean (rollout vs trainer): median {statistics.median(gaps):.4f}")
     if problems:
         print("\nFAIRNESS CHECK FAILED:\n  " + "\n  ".join(problems[:20]))
     else:
-        print(f"fairness: every timed step of both trainers had {PROMPTS * SAMPLES} completions of exactly {NEW_TOKENS} tokens "
-              f"and one optimizer step")
+        print(f"fairness: every timed step of {'both trainers' if theirs else 'rlkit'} had {PROMPTS * SAMPLES} completions of "
+              f"exactly {NEW_TOKENS} tokens and one optimizer step" + (", and TRL ran one log-prob forward" if theirs else ""))
 
     if args.json:
         out = {"versions": vers, "threads": args.threads, "cpu_count": os.cpu_count(),
                "workload": {"prompts": PROMPTS, "samples_per_prompt": SAMPLES, "new_tokens": NEW_TOKENS, "model": f"toy:{args.size}",
                             "lr": args.lr, "trl_loss_type": args.loss_type, "rlkit_aggregation": LOSS_TYPES[args.loss_type],
-                            "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
-               "median_s": {"rlkit": ours, **({"trl": theirs} if theirs else {})}, "ratio_rlkit_over_trl": ratio,
+                            "warmup": args.warmup, "steps": args.steps, "interleaved": bool(theirs)},
+               "median_s": {"rlkit": med_o, **({"trl": med_t} if theirs else {})},
+               "min_s": {"rlkit": min_o, **({"trl": min_t} if theirs else {})},
+               "ratio_rlkit_over_trl": ratio, "paired_ratio_median": paired,
                "info": infos, "per_step": runs, "fairness_problems": problems}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

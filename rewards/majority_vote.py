@@ -96,6 +96,7 @@ def resolve_extractor(extractor: Any) -> Callable[[Any], Optional[str]]:
 
 
 _SPACES = re.compile(r"\s+")
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
 
 
 def normalize_answer(ans: str) -> str:
@@ -105,7 +106,7 @@ def normalize_answer(ans: str) -> str:
                  ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("$", "")):
         s = s.replace(a, b)
     s = s.rstrip(".")
-    return normalize_number(s) if s else s
+    return normalize_number(s) if s and any(ch.isdigit() for ch in s) and _NUMBER.fullmatch(s) else s
 
 
 def vote(answers: Sequence[Optional[str]], exclude_none_from_vote: bool = True,

@@ -13,7 +13,7 @@ def echo(completions, answer, k: int = 8, **kwargs):
     return out
 
 
-def echo_hit(completions, answer, k: int = 4, **kwargs):
+def echo_hit(completions, answer, k: int = 8, **kwargs):
     """Binary variant (EFRame / UEC tiny profiles): 1 if the gold letter is among the first ``k``
     completion characters, else 0, so a prompt whose samples all miss is a "hard" prompt."""
     return [None if not gold else float(gold in text[:k]) for text, gold in zip(completions, answer)]

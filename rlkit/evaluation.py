@@ -44,11 +44,14 @@ def _check(checker: str, completions: List[str], gold: Optional[str]):
     from .mathverify import math_equal_many
 
     boxed = [extract_last_boxed(c) for c in completions]
-    pairs = [(gold, b if b is not None else "") for b in boxed] + [(gold, c) for c in completions]
-    res = math_equal_many(pairs, timeout_s=10.0) if gold is not None else [False] * len(pairs)
     n = len(completions)
-    for i, c in enumerate(completions):
-        out.append((bool(res[i]) and boxed[i] is not None, bool(res[n + i]), boxed[i] is not None, boxed[i], boxed[i]))
+    if gold is None:
+        res_boxed, res_flex = [False] * n, [False] * n
+    else:  # bare box contents are parsed as boxed LaTeX (plain parsing reads "3\pi" as 3)
+        res_boxed = math_equal_many([(gold, b if b is not None else "") for b in boxed], timeout_s=10.0, boxed_pred=True)
+        res_flex = math_equal_many([(gold, c) for c in completions], timeout_s=10.0)
+    for i in range(n):
+        out.append((bool(res_boxed[i]) and boxed[i] is not None, bool(res_flex[i]), boxed[i] is not None, boxed[i], boxed[i]))
     return out
 
 

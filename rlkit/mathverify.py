@@ -12,6 +12,11 @@ worker never hangs the caller; the check returns ``None``.
 
 The gold answer is wrapped as ``\\boxed{gold}`` and parsed with LaTeX extraction;
 the prediction is parsed with LaTeX + expression extraction (as verl and TRL do).
+
+Workers are cheap: they import only this module and math-verify (not torch, not the
+caller's ``__main__``, so an unguarded training script is not re-run in them), and
+they are started before the first check so start-up never counts against a timeout.
+The pool is shut down at exit (``shutdown()``); ``configure(max_workers=...)`` resizes it.
 """
 from __future__ import annotations
 

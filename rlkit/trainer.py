@@ -339,6 +339,9 @@ class Trainer:
                 mine = idx[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
                 rows = [self.train_rows[i] for i in mine]
                 b = self.strategy(rows, rctx)
+                # stamp rows with their rollout step: a filter may keep rows for later steps (EFRame), whose
+                # rollout log-probs then come from older weights and are left out of the weight-sync gap check
+                b.extras.setdefault("rollout_step", torch.full((len(b),), float(step)))
                 rolled.append(b)  # what the selector sees: every rollout of this step, before filters
                 generated_samples += len(b)
                 self._rollout_metrics(b, ms, prefix="rollout")
@@ -637,7 +640,9 @@ class Trainer:
             if first and mb.rollout_logprobs is not None:
                 base = mb.old_logprobs.to(dev) if mb.old_logprobs is not None else logp.detach()
                 gap = (base - mb.rollout_logprobs.to(dev)).abs()
-                ms.masked("logprob_gap", gap, mask, extremes=True)
+                fresh = mb.extras.get("rollout_step")  # only rows sampled this step measure the weight sync
+                gmask = mask if fresh is None else mask * (fresh.to(dev) == self.step_idx + 1)[:, None]
+                ms.masked("logprob_gap", gap, gmask, extremes=True)
         return loss, terms
 
     @staticmethod

@@ -104,3 +104,20 @@ def test_gsm8k_gold_answers_score_one_through_the_pipeline():
     texts = [[f"Reasoning... #### {r['answer']}"] for r in rows]
     res = evaluate_rows(FakeEngine(texts), [dict(r, prompt_ids=[1]) for r in rows], EvalConfig(checker="gsm8k"), 8)
     assert res["num_prompts"] == 1319 and res["strict/pass@1"] == 1.0 and res["flexible/pass@1"] == 1.0
+
+
+def test_math_checker_strict_and_flexible():
+    rows = [{"prompt_ids": [1], "answer": "3\\pi"}]
+    texts = [["so \\boxed{3\\pi}", "the answer is $3\\pi$", "\\boxed{3}"]]
+    res = evaluate_rows(FakeEngine(texts), rows, EvalConfig(samples_per_prompt=3, temperature=1.0, checker="math"), 8)
+    assert res["strict/pass@1"] == pytest.approx(1 / 3)      # only the boxed 3\pi counts as strict
+    assert res["flexible/pass@1"] == pytest.approx(2 / 3)    # the unboxed 3\pi is found by math-verify's own extraction
+    assert res["format_rate"] == pytest.approx(2 / 3)
+
+
+def test_math500_gold_answers_score_one_through_the_pipeline():
+    path = shared_path("data", "math500", "test.jsonl")
+    rows = load_prompts(DataConfig(path=str(path), prompt_field="problem", answer_field="answer"))
+    texts = [[f"Thus the answer is \\boxed{{{r['answer']}}}."] for r in rows]
+    res = evaluate_rows(FakeEngine(texts), [dict(r, prompt_ids=[1]) for r in rows], EvalConfig(checker="math"), 8)
+    assert res["num_prompts"] == 500 and res["strict/pass@1"] == 1.0

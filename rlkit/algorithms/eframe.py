@@ -382,6 +382,10 @@ class EFRameFilter(ExperienceFilter):
         }
         if n_ex:
             self._metrics["eframe/explore_yield"] = float((keep & explore).sum()) / n_ex   # exploration rows kept
+        now = batch.extras.get("rollout_step")          # stamped by the trainer: staleness of what is trained
+        for name, b in (("train", train), ("replay", replay)):
+            if now is not None and len(batch) and b is not None and "rollout_step" in b.extras:
+                self._metrics[f"eframe/{name}_staleness"] = float((now.max() - b.extras["rollout_step"]).mean())
         return out
 
     def metrics(self) -> Dict[str, float]:

@@ -96,6 +96,11 @@ def divergence_elements(log_s: Tensor, log_q: Tensor, beta: float) -> Tensor:
             + torch.where(s > 0, (1.0 - beta) * s * (log_s - log_m), zero))
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Logits in at least fp32 (fp64 stays fp64, for gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _div_from_logits(zs: Tensor, zt: Tensor, targets: Optional[Tensor], beta: float, clip: Optional[float], top_k: int):
     """-> (loss [N] (clipped, with grad), unclipped divergence [N], clipped fraction [N],
     teacher log-prob of the target [N], student log-prob of the target [N])."""
@@ -121,15 +126,15 @@ def _div_from_logits(zs: Tensor, zt: Tensor, targets: Optional[Tensor], beta: fl
 def divergence(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.0, clip: Optional[float] = None,
                top_k: int = 0, temperature: float = 1.0, targets: Optional[Tensor] = None):
     """Unchunked reference: logits [N, V] -> (loss [N], divergence [N], clip fraction [N], teacher lp [N], student lp [N])."""
-    zs = student_logits.float() / temperature
-    zt = teacher_logits.detach().float() / temperature
+    zs = _upcast(student_logits) / temperature
+    zt = _upcast(teacher_logits.detach()) / temperature
     return _div_from_logits(zs, zt, targets, beta, clip, top_k)
 
 
 def _chunk(hs, ht, ws, bs, wt, bt, targets, temperature, beta, clip, top_k):
-    zs = F.linear(hs, ws, bs).float()
+    zs = _upcast(F.linear(hs, ws, bs))
     with torch.no_grad():
-        zt = F.linear(ht, wt, bt).float()
+        zt = _upcast(F.linear(ht, wt, bt))
     if temperature != 1.0:
         zs, zt = zs / temperature, zt / temperature
     return _div_from_logits(zs, zt, targets, beta, clip, top_k)

@@ -23,7 +23,7 @@ Two value models (``mode``):
 * ``frozen_base``: a frozen copy of the policy's base checkpoint + the MLP head;
   only the head trains, so prompt features are computed once and cached.
 
-The head is ``Linear(H, h) -> tanh -> Linear(h, 1)`` on the last prompt token's
+The head is ``LayerNorm -> Linear(H, h) -> tanh -> Linear(h, 1)`` on the last prompt token's
 hidden state (``pooling: last``; or the mean over prompt tokens), followed by a
 sigmoid (``output: sigmoid``; ``linear`` for rewards outside [0, 1]).  Its last
 layer starts at zero with the bias set so that every prompt predicts ``tau``: the
@@ -112,13 +112,15 @@ class PromptValueModel(nn.Module):
         self.backbone = backbone
         H = int(backbone.config.hidden_size)
         h = int(head_hidden or H)
-        self.head = nn.Sequential(nn.Linear(H, h), nn.Tanh(), nn.Linear(h, 1))
-        nn.init.zeros_(self.head[2].weight)
+        # LayerNorm first: backbone features can be large (final-norm gains), which would saturate tanh
+        self.head = nn.Sequential(nn.LayerNorm(H), nn.Linear(H, h), nn.Tanh(), nn.Linear(h, 1))
+        out = self.head[-1]
+        nn.init.zeros_(out.weight)
         if output == "sigmoid":
             p = min(max(init_value, 1e-4), 1 - 1e-4)
-            nn.init.constant_(self.head[2].bias, math.log(p / (1 - p)))
+            nn.init.constant_(out.bias, math.log(p / (1 - p)))
         else:
-            nn.init.constant_(self.head[2].bias, init_value)
+            nn.init.constant_(out.bias, init_value)
         self.output = output
         self.pooling = pooling
 

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..objectives._utils import group_moments, last_token_index, sequence_rewards, token_mask
+from ..objectives._utils import broadcast_rows, group_moments, last_token_index, sequence_rewards, token_mask
 from ..plugins import AdvantageEstimator
 from ..registry import register_advantage
 
@@ -77,23 +77,28 @@ def prefix_tree_deltas(response_ids: Tensor, lengths: Tensor, group_ids: Tensor,
     if sel.size < 2:
         return empty
     lens = lengths.cpu().numpy()[sel].astype(np.int64)
-    T = int(lens.max()) if lens.size else 0
+    T = int(lens.max())
     if T == 0:
         return empty
-    tok = response_ids[:, :T].cpu().numpy()[sel].astype(np.int64)
-    tok = np.where(np.arange(T)[None, :] < lens[:, None], tok, -1)   # -1 = "no token" (sorts before every id)
-    gid = group_ids.cpu().numpy()[sel]
+    tok = response_ids[:, :T].cpu().numpy()[sel]
+    gid = group_ids.cpu().numpy()[sel].tolist()
     R = rewards.cpu().numpy()[sel].astype(np.float64)
 
-    # lexicographic order inside each group (group id is the primary key)
-    order = np.lexsort(np.concatenate([tok[:, ::-1].T, gid[None, :]], axis=0))
-    tok_s, gid_s, R_s, lens_s = tok[order], gid[order], R[order], lens[order]
-    # LCP of adjacent sorted rows (only real, equal tokens count)
-    eq = (tok_s[1:] == tok_s[:-1]) & (tok_s[1:] >= 0)
-    lcp = np.where(eq.all(1), T, eq.argmin(1)).tolist()
-    csum = np.concatenate([[0.0], np.cumsum(R_s)]).tolist()
+    # lexicographic order inside each group (group id first): compare the unpadded sequences as big-endian
+    # bytes, so a sequence sorts right before its extensions and padding never takes part
+    tb = tok.astype(">u4")
+    lens_l = lens.tolist()
+    keys = [(gid[i], tb[i, :lens_l[i]].tobytes()) for i in range(sel.size)]
+    order = np.asarray(sorted(range(sel.size), key=keys.__getitem__), dtype=np.int64)
+    tok_s, lens_s = tok[order], lens[order]
+    gid_s = [gid[i] for i in order.tolist()]
+    # LCP of adjacent sorted rows = first differing position, capped at the shorter length
+    ne = tok_s[1:] != tok_s[:-1]
+    first = np.where(ne.any(1), ne.argmax(1), T)
+    lcp = np.minimum(first, np.minimum(lens_s[1:], lens_s[:-1])).tolist()
+    csum = np.concatenate([[0.0], np.cumsum(R[order])]).tolist()
     lens_l = lens_s.tolist()
-    bounds = (np.flatnonzero(gid_s[1:] != gid_s[:-1]) + 1).tolist()
+    bounds = [k + 1 for k in range(len(gid_s) - 1) if gid_s[k + 1] != gid_s[k]]
 
     out_pos: List[int] = []      # sorted positions
     out_col: List[int] = []
@@ -102,6 +107,8 @@ def prefix_tree_deltas(response_ids: Tensor, lengths: Tensor, group_ids: Tensor,
         stack = [(g0, g1)]      # half-open runs of sorted rows = trie nodes with >= 2 rows
         while stack:
             a, b = stack.pop()
+            if b - a < 2:
+                continue
             inner = lcp[a:b - 1]
             d = min(inner)       # the run's common prefix length = the branching position
             parent = (csum[b] - csum[a]) / (b - a)
@@ -146,19 +153,22 @@ class TEMPO(AdvantageEstimator):
         gids = batch.group_ids.to(R.device)
         inv, _, mean, var, constant = group_moments(R, valid, gids)
         live = valid & ~constant[inv]                        # rows that get a non-zero advantage
-        lengths = last_token_index(m) + 1
-        adv = (R - mean[inv])[:, None].expand(m.shape).clone()     # float64 [S,T]
-        r_idx, c_idx, d_val = prefix_tree_deltas(batch.response_ids, lengths, gids, R, live)
-        if r_idx.size:
-            adv[torch.from_numpy(r_idx).to(adv.device), torch.from_numpy(c_idx).to(adv.device)] += \
-                p.td_coef * torch.from_numpy(d_val).to(adv.device)
+        div = torch.ones_like(R)
         if p.scale_by_std:
             if p.std_scope == "group":
                 std = var.sqrt()[inv]
             else:
                 Rv = R[valid]
                 std = (Rv.std(unbiased=True) if Rv.numel() > 1 else R.new_zeros(())).expand_as(R)
-            adv = adv / (std + p.eps)[:, None]
-        adv = torch.where(m & live[:, None], adv, torch.zeros_like(adv)).to(torch.float32)
+            div = std + p.eps
+        row = torch.where(live, (R - mean[inv]) / div, torch.zeros_like(R))   # the GRPO term, float64 [S]
+        adv = broadcast_rows(row, m)                                          # float32 [S,T], 0 on padding
+        r_idx, c_idx, d_val = prefix_tree_deltas(batch.response_ids, last_token_index(m) + 1, gids, R, live)
+        if r_idx.size:
+            r = torch.from_numpy(r_idx).to(adv.device)
+            c = torch.from_numpy(c_idx).to(adv.device)
+            val = row[r] + p.td_coef * torch.from_numpy(d_val).to(R.device) / div[r]
+            real = m[r, c]                                   # a masked position inside a response stays 0
+            adv[r[real], c[real]] = val[real].to(adv.dtype)
         batch.advantages = adv
         batch.returns = adv.clone()
