@@ -120,7 +120,10 @@ def main() -> None:
     ap.add_argument("--fwd-rows", type=int, default=128, help="rows of the toy forward+backward (scaled to the batch)")
     ap.add_argument("--tokens-per-microbatch", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: OpenMP timings are erratic on a shared, oversubscribed machine)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
 
     b = synthetic_batch(a.groups, a.group_size, a.length, a.share, a.vocab, a.seed)
     deep = synthetic_batch(a.groups, a.group_size, a.length, 1.0, a.vocab, a.seed, deep=True)
@@ -165,7 +168,7 @@ def main() -> None:
     print("-" * (w + 36))
     print(f"{'toy:tiny policy fwd+bwd, same tokens':<{w}}  {fb_full:>12.1f}  {fb_full / base:>8.1f}  "
           f"measured {fb_ms:.0f} ms on {fb_rows} rows, x{S / fb_rows:g}")
-    print(f"\nTEMPO = {100 * t_tempo / fb_full:.1f}% of one toy:tiny (2 layers, hidden 64) forward+backward over the batch; "
+    print(f"\nTEMPO = {100 * t_tempo / fb_full:.3f}% of one toy:tiny (2 layers, hidden 64) forward+backward over the batch; "
           f"TEMPO - GRPO = {t_tempo - base:.1f} ms")
 
 

@@ -1,26 +1,27 @@
 #!/usr/bin/env python
 """Seconds per GRPO step, split by stage: rlkit, and TRL's ``GRPOTrainer`` on the same workload when ``trl`` is installed.
 
-    python benchmarks/step_time.py --steps 10 --warmup 2 [--threads 2] [--rounds 2] [--json OUT]
+    python benchmarks/step_time.py --steps 10 --warmup 2 [--threads 2] [--json OUT] [--no-trl]
 
 The workload is fixed: 8 prompts x 8 samples = 64 completions per step, exactly 32 new tokens each
 (``min_new_tokens = max_new_tokens = 32`` in the model's generation config, so no completion stops at EOS),
-the 2-layer random-init toy Llama of ``rlkit.toy`` (``--size tiny``: hidden 64), the toy echo reward
-(``rewards/toy.py:echo``), temperature 1.0, no KL (no reference model), one PPO epoch and one mini-batch,
-i.e. exactly one optimizer step per RL step, fp32 on CPU.  Every step uses the same 8 prompts.
+the 2-layer random-init toy Llama of ``rlkit.toy`` (``--size tiny``: hidden 64, vocab 46), the toy echo
+reward (``rewards/toy.py:echo``), temperature 1.0, no KL (no reference model), one PPO epoch and one
+mini-batch, i.e. exactly one optimizer step per RL step, fp32 on CPU.  Every step uses the same 8 prompts.
+The script checks these invariants on every timed step of both trainers and exits 1 if one fails.
 
-Both trainers run in this one process with the same ``torch.set_num_threads``, in ABBA order over
-``--rounds`` (rlkit, TRL, TRL, rlkit, ...) so that load from other processes on a shared machine hits both
-alike.  Each round builds a fresh trainer from the same weights and runs ``--warmup`` untimed steps and
-``--steps`` timed ones; the table reports the median over all timed steps of all rounds.
+Both trainers are built from the same weights in this one process, use the same ``torch.set_num_threads``
+and run interleaved step by step (TRL step, rlkit step, TRL step, ...: rlkit's step runs inside a TRL
+``on_step_end`` callback, outside TRL's clock), so load from other processes on a shared machine hits both
+alike.  The first ``--warmup`` steps of each are not timed.
 
-Per-step time is wall clock, step end to step end: for rlkit the ``Trainer.step()`` call, for TRL the
-interval between consecutive ``on_step_end`` callbacks (data loading, generation, reward, loss,
-backward, optimizer, TRL's own metric bookkeeping).  Stage times: rlkit's ``time/*`` metrics; for TRL the
-time inside its methods ``_generate`` (rollout), ``_calculate_rewards`` (reward),
-``_generate_and_score_completions`` minus those two (advantage: padding, advantages, metric gathers),
-``training_step`` minus ``_prepare_inputs`` plus ``_clip_grad_norm`` plus ``optimizer.step`` (train).
-``other`` is the step minus the named stages.  Stage medians need not add up to the step median.
+Per-step time is wall clock.  rlkit: the ``Trainer.step()`` call.  TRL: from the end of its previous step
+(after rlkit's step returned) to its next ``on_step_end``, so it covers data loading, generation, reward,
+loss, backward, optimizer and TRL's metric bookkeeping.  Stages: rlkit's ``time/*`` metrics; for TRL the time
+inside its methods ``_generate`` (rollout), ``_calculate_rewards`` (reward), ``_generate_and_score_completions``
+minus those two (advantage: padding, advantages, metric gathers), ``training_step`` minus ``_prepare_inputs``
+plus ``_clip_grad_norm`` plus ``optimizer.step`` (train); TRL has no separate scoring pass or weight sync in
+this setting.  ``other`` is the step minus the named stages.
 """
 from __future__ import annotations
 
@@ -122,13 +123,13 @@ class RlkitRunner:
     def step(self) -> Dict[str, Any]:
         torch.set_num_threads(self.args.threads)
         before = self.opt_steps
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         m = self.tr.step()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         st = {k: float(m.get(f"time/{k}", 0.0)) for k in STAGES if k != "other"}
         st["other"] = wall - sum(st.values())
         rec = {
-            "step": wall, **st, "warmup": len(self.steps) < self.args.warmup,
+            "step": wall, "cpu": cpu, **st, "warmup": len(self.steps) < self.args.warmup,
             "completions": float(m.get("train/samples", float("nan"))), "optimizer_steps": self.opt_steps - before,
             "length_min": m.get("response_length/min"), "length_max": m.get("response_length/max"),
             "length_mean": m.get("response_length/mean"), "logprob_gap": m.get("logprob_gap/mean"),
@@ -219,11 +220,11 @@ class TRLRunner:
         runner, acc, calls, args = self, self.acc, self.calls, self.args
 
         class StepTimer(TrainerCallback):
-            resume = 0.0
+            resume = resume_cpu = 0.0
             t_opt = 0.0
 
             def on_train_begin(self, *a, **kw):
-                self.resume = time.perf_counter()
+                self.resume, self.resume_cpu = time.perf_counter(), time.process_time()
 
             def on_step_begin(self, *a, **kw):
                 torch.set_num_threads(args.threads)
@@ -236,7 +237,7 @@ class TRLRunner:
                 calls["optimizer.step"] += 1
 
             def on_step_end(self, *a, **kw):
-                wall = time.perf_counter() - self.resume
+                wall, cpu = time.perf_counter() - self.resume, time.process_time() - self.resume_cpu
                 a_, c_ = dict(acc), dict(calls)
                 acc.clear()
                 calls.clear()
@@ -249,14 +250,15 @@ class TRLRunner:
                 b = runner.batches[-1] if runner.batches else {"n": 0, "lengths": []}
                 lens = summarize_lengths(b["lengths"])
                 runner.steps.append({
-                    "step": wall, **st, "warmup": len(runner.steps) < args.warmup, "completions": float(b["n"]),
+                    "step": wall, "cpu": cpu, **st, "warmup": len(runner.steps) < args.warmup, "completions": float(b["n"]),
                     "optimizer_steps": c_.get("optimizer.step", 0),
                     "logprob_forwards": c_.get("_get_per_token_logps_and_entropies", 0),
                     "length_min": lens.get("min"), "length_max": lens.get("max"), "length_mean": lens.get("mean"),
                 })
                 if between is not None:
                     between()
-                self.resume = time.perf_counter()  # TRL's next interval starts after the other trainer's step
+                # TRL's next interval starts after the other trainer's step
+                self.resume, self.resume_cpu = time.perf_counter(), time.process_time()
 
         self.trainer.add_callback(StepTimer())
         torch.set_num_threads(args.threads)
@@ -279,7 +281,7 @@ def timed(steps: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def stat(steps: List[Dict[str, Any]], fn) -> Dict[str, float]:
     t = timed(steps)
-    return {k: fn([s[k] for s in t]) for k in STAGES + ["step"]} if t else {}
+    return {k: fn([s[k] for s in t]) for k in STAGES + ["step", "cpu"]} if t else {}
 
 
 def versions() -> Dict[str, str]:
@@ -326,10 +328,10 @@ def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[s
     else:
         head += f"   | min: {'rlkit':>7}"
     lines = [head, "-" * len(head)]
-    for k in STAGES + ["step"]:
+    for k in STAGES + ["step", "cpu"]:
         if k == "step":
             lines.append("-" * len(head))
-        row = f"{k:<12} {ours[k]:>9.4f}"
+        row = f"{k if k != 'cpu' else 'step CPU-s':<12} {ours[k]:>9.4f}"
         if trl:
             row += f" {trl[k]:>9.4f} {ratio(ours[k], trl[k])}   |      {ours_min[k]:>7.4f} {trl_min[k]:>7.4f}"
         else:
@@ -406,8 +408,8 @@ def main(argv=None) -> int:
     med_t = stat(runs["trl"], statistics.median) if theirs else None
     min_t = stat(runs["trl"], min) if theirs else None
     print()
-    print(f"seconds per step: median (and min) over {len(timed(runs['rlkit']))} timed steps per trainer; "
-          f"stage medians need not add up to the step median")
+    print(f"seconds per step: median (and min) over {len(timed(runs['rlkit']))} timed steps per trainer; stage medians need "
+          f"not add up to the step median; 'step CPU-s' = process CPU time per step (all threads)")
     print(table(med_o, med_t, min_o, min_t))
     ratio = paired = None
     if theirs:
@@ -415,7 +417,8 @@ def main(argv=None) -> int:
         pairs = [o["step"] / t["step"] for o, t in zip(runs["rlkit"], runs["trl"]) if not o["warmup"]]
         paired = statistics.median(pairs)
         print(f"\nrlkit / TRL step time: {ratio:.2f}x (ratio of medians); {paired:.2f}x (median of per-step ratios, "
-              f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima)")
+              f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima); "
+              f"{med_o['cpu'] / med_t['cpu']:.2f}x (CPU time, ratio of medians)")
     for who, info in infos.items():
         print(f"{who}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     gaps = [s["logprob_gap"] for s in timed(runs["rlkit"]) if s.get("logprob_gap") is not None]

@@ -1,5 +1,6 @@
 """D³S plugins (rlkit/algorithms/d3s.py) against the spec (credit_and_sampling.md Sec. 3)."""
 import itertools
+import math
 import random
 from types import SimpleNamespace
 
@@ -101,6 +102,32 @@ def test_tokens_need_entropy_and_count_rule():
     b.entropy = None
     with pytest.raises(ValueError, match="entropy"):
         tokens()(b)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_token_selection_matches_stable_sort_definition(seed):
+    """top ceil(K * count) of |A| x H, ties broken by (row, position): checked against a stable sort,
+    with heavy ties (quantised scores), masked padding and tokens already weighted 0."""
+    g = torch.Generator().manual_seed(seed)
+    S, T = 9, 13
+    lengths = torch.randint(0, T + 1, (S,), generator=g).tolist()
+    b = make_batch([float(i % 2) for i in range(S)], [0] * S, T=T, lengths=lengths)
+    b.advantages = torch.randint(-2, 3, (S, T), generator=g).float() * b.response_mask
+    b.entropy = torch.randint(0, 3, (S, T), generator=g).float() * 0.5 * b.response_mask
+    b.token_weights = (torch.rand(S, T, generator=g) > 0.2).float()
+    for scope in ("batch", "sequence"):
+        for frac in (0.05, 0.2, 0.5, 0.99, 1.0):
+            cand = b.weights() > 0
+            score = (b.advantages.abs() * b.entropy).tolist()
+            ref = torch.zeros(S, T, dtype=torch.bool)
+            pools = [[(i, t) for i in range(S) for t in range(T) if cand[i, t]]] if scope == "batch" else \
+                [[(i, t) for t in range(T) if cand[i, t]] for i in range(S)]
+            for pool in pools:
+                k = max(1, math.ceil(frac * len(pool) - 1e-9)) if pool else 0
+                for i, t in sorted(pool, key=lambda it: -score[it[0]][it[1]])[:k]:   # sorted() is stable
+                    ref[i, t] = True
+            got = D3STokens(D3STokens.Params(top_frac=frac, scope=scope)).keep_mask(b)
+            assert torch.equal(got, ref), (scope, frac)
 
 
 # ------------------------------------------------------ exact search checks

@@ -124,7 +124,6 @@ def test_worked_example_spec_1_6():
     # |A| > 1 rows of the trained 15: P1's 3 exploration positives, P2's 2 positives (P2's negatives, |A| = 0.73, stay
     # out) and the positives of Q6 and Q7 among the trained rows
     assert rep.info["prompt"] == ["P1"] * 3 + ["P2"] * 2 + ["Q6"] * 2 + ["Q7"] * 2
-    assert rep.info["prompt"][:5].count("P1") + rep.info["prompt"][:5].count("P2") == 5
     assert torch.all(rep.old_logprobs[rep.response_mask > 0] == -0.25)   # stored at first training
     assert torch.all(rep.extras["keep_old_logprobs"] == 1) and rep.token_weights is None
 
@@ -325,4 +324,6 @@ def test_eframe_end_to_end_tiny(tmp_path):
         assert k in m[-1], k
     r = [x["eframe/main_reward_mean"] for x in m]
     assert mean(r[-4:]) > mean(r[:4]), r
-    assert (run / "checkpoints" / f"step_{steps}" / "rlkit.pt").exists()
+    state = torch.load(run / "checkpoints" / f"step_{steps}" / "rlkit.pt", weights_only=False)["plugins"]
+    assert {"pending", "replay", "gen"} <= set(state["filter0"]) and state["filter0"]["replay"]["rows"] is not None
+    assert state["strategy"] == {"explore_samples": 20, "explore_temperature": 1.2}

@@ -79,7 +79,7 @@ def test_select_uses_predictions_pool_and_ties(toy_model_dir, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["frozen_base", "separate"])
 def test_update_fits_empirical_means(toy_model_dir, mode):
-    sel = _selector(toy_model_dir, mode=mode, head_lr=0.05, lr=1e-3, k=1)
+    sel = _selector(toy_model_dir, mode=mode, head_lr=0.01, lr=1e-3, k=1)
     rows = sel.dataset
     sel.select(1, 4)
     # prompts 0..3; two samples each (group ids = prompt index); prompt 3 also has a NaN (skipped) sample
@@ -97,7 +97,7 @@ def test_update_fits_empirical_means(toy_model_dir, mode):
     for _ in range(40):
         sel.update(_batch(idx, r, rows))
     after = sel.predict([0, 1, 2, 3])
-    assert ((after - target) ** 2).mean() < 0.5 * ((before - target) ** 2).mean()
+    assert ((after - target) ** 2).mean() < 0.05 * ((before - target) ** 2).mean()
     assert after[0] > after[2] > after[1]
     if mode == "frozen_base":  # only the head trains
         assert all(not q.requires_grad for q in sel.vm.backbone.parameters())

@@ -53,8 +53,9 @@ def test_chain_spec_example_pre_mask_masked_whitened():
     SPOChainAdvantage()(b)
     assert b.advantages[0].tolist() == pytest.approx(A_PRE)
     b.token_weights = torch.ones_like(b.response_mask)
-    SPOProbMask(SPOProbMask.Params(whiten=False))(_copy := b.select([0]))
-    assert _copy.advantages[0].tolist() == pytest.approx(A_MASKED)
+    unwhitened = b.select([0])
+    SPOProbMask(SPOProbMask.Params(whiten=False))(unwhitened)
+    assert unwhitened.advantages[0].tolist() == pytest.approx(A_MASKED)
     SPOProbMask()(b)
     assert torch.nonzero(b.token_weights[0]).flatten().tolist() == [1, 3, 5, 7]
     sel = b.advantages[0, [1, 3, 5, 7]]

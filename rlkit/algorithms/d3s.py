@@ -58,6 +58,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..batch import Batch
@@ -88,37 +89,40 @@ def max_variance_subset(values: Sequence[float] | Tensor, n: int, balanced: bool
     k's whose variance ties (within 1e-12 relative), the most balanced one
     (smallest |2k - n|), then the smallest k, wins.  ``balanced`` fixes
     k = n // 2.  ``n`` larger than ``len(values)`` is clipped."""
-    x = torch.as_tensor(values, dtype=torch.float64).reshape(-1).cpu()
-    m = int(x.numel())
+    x = (values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float64)).reshape(-1)
+    m = int(x.size)
     n = min(int(n), m)
     if n <= 0:
         return []
-    order = torch.sort(x, stable=True).indices
+    order = np.argsort(x, kind="stable")
     xs = x[order]
-    c1 = torch.cat([xs.new_zeros(1), xs.cumsum(0)])
-    c2 = torch.cat([xs.new_zeros(1), (xs * xs).cumsum(0)])
+    c1 = np.concatenate([[0.0], np.cumsum(xs)])
+    c2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
     if balanced:
         k = n // 2
     else:
-        ks = torch.arange(n + 1)
+        ks = np.arange(n + 1)
         s1 = c1[n - ks] + c1[m] - c1[m - ks]
         s2 = c2[n - ks] + c2[m] - c2[m - ks]
         var = s2 / n - (s1 / n) ** 2
         best = float(var.max())
-        tied = torch.nonzero(var >= best - 1e-12 * max(1.0, abs(best))).flatten().tolist()
+        tied = np.flatnonzero(var >= best - 1e-12 * max(1.0, abs(best))).tolist()
         k = min(tied, key=lambda j: (abs(2 * j - n), j))
     idx = order[: n - k].tolist() + (order[m - k:].tolist() if k else [])
     return sorted(idx)
 
 
 def row_advantages(batch: Batch) -> Tensor:
-    """[S] float64: mean token advantage over each row's real tokens (0 for an empty row)."""
+    """[S] float64: mean token advantage over each row's real tokens (0 for an empty row).
+
+    Accumulated in float64, so rows whose token advantages are equal get exactly equal means
+    whatever their lengths (ties then break by index)."""
     if batch.advantages is None:
         raise ValueError("d3s: batch.advantages is not set; d3s_samples must run after the advantage stage "
                          "(stage post_advantage)")
-    m = batch.response_mask.to(torch.float64)
-    a = batch.advantages.to(torch.float64) * m
-    return a.sum(-1) / m.sum(-1).clamp_min(1.0)
+    m = batch.response_mask
+    s = torch.sum(batch.advantages * m, dim=-1, dtype=torch.float64)
+    return s / m.sum(-1, dtype=torch.float64).clamp_min(1.0)
 
 
 def _population_var(x: Tensor) -> float:
@@ -224,37 +228,50 @@ class D3STokens(TokenWeighting):
     def _count(frac: float, n: int) -> int:
         return max(1, math.ceil(frac * n - 1e-9)) if n else 0
 
-    def keep_mask(self, batch: Batch) -> Tensor:
-        """[S,T] bool: the kept tokens."""
+    def keep_mask(self, batch: Batch, cand: Optional[Tensor] = None) -> Tensor:
+        """[S,T] bool: the kept tokens (``cand``: the candidate tokens, default ``batch.weights() > 0``)."""
         if batch.entropy is None:
             raise ValueError("d3s_tokens: batch.entropy is not set; the trainer computes it in the scoring pass "
                              "for plugins with needs={'entropy'}")
         if batch.advantages is None:
             raise ValueError("d3s_tokens: batch.advantages is not set (token weighting runs after the advantage stage)")
-        cand = batch.weights() > 0
+        if cand is None:
+            cand = batch.weights() > 0
         k_frac = self.params.top_frac
         if k_frac >= 1.0:
             return cand
-        score = (batch.advantages.to(torch.float64).abs() * batch.entropy.to(torch.float64))
-        score = torch.where(cand, score, torch.full_like(score, -math.inf))
-        keep = torch.zeros_like(cand)
+        # selection in numpy: an O(n) partition instead of a full sort; ties at the threshold by (row, position)
+        c = cand.detach().cpu().numpy()
+        score = (batch.advantages.detach().float().abs() * batch.entropy.detach().float()).cpu().numpy()
+        score = np.where(c, score, -np.inf).astype(np.float32)
         if self.params.scope == "batch":
-            k = self._count(k_frac, int(cand.sum()))
-            order = torch.sort(score.reshape(-1), descending=True, stable=True).indices[:k]
-            keep.view(-1)[order] = True
+            flat = score.reshape(-1)
+            vals = flat[c.reshape(-1)]
+            k = self._count(k_frac, int(vals.size))
+            if k == 0:
+                return cand.clone()
+            # the k-th largest candidate score (torch's selection is robust to many equal values)
+            thr = np.float32(torch.kthvalue(torch.from_numpy(vals), vals.size - k + 1).values.item())
+            keep = flat > thr
+            need = k - int(np.count_nonzero(keep))
+            if need > 0:
+                keep[np.flatnonzero(flat == thr)[:need]] = True
         else:
-            counts = cand.sum(-1).tolist()
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-            for i, c in enumerate(counts):
-                k = self._count(k_frac, int(c))
-                keep[i, order[i, :k]] = True
-        return keep & cand
+            T = score.shape[1]
+            n = np.count_nonzero(c, axis=1)
+            k = np.array([self._count(k_frac, int(x)) for x in n.tolist()], dtype=np.int64)
+            asc = np.sort(score, axis=1)
+            thr = np.take_along_axis(asc, np.clip(T - k, 0, T - 1)[:, None], axis=1)
+            gt = score > thr
+            eq = score == thr
+            keep = (gt | (eq & (np.cumsum(eq, axis=1) <= (k - gt.sum(1))[:, None]))) & (k > 0)[:, None]
+        return torch.from_numpy(keep.reshape(c.shape)).to(cand.device) & cand
 
     def __call__(self, batch: Batch) -> None:
-        keep = self.keep_mask(batch)
         cand = batch.weights() > 0
+        keep = self.keep_mask(batch, cand)
         self._m = {"d3s/top_frac": self.params.top_frac,
-                   "d3s/kept_token_frac": float(keep.sum()) / max(float(cand.sum()), 1.0)}
+                   "d3s/kept_token_frac": int(torch.count_nonzero(keep)) / max(int(torch.count_nonzero(cand)), 1)}
         batch.token_weights = batch.token_weights * keep.to(batch.token_weights.dtype)
 
     def metrics(self) -> Dict[str, float]:

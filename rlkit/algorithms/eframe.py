@@ -54,7 +54,6 @@ Log-prob temperature of exploration samples (``explore_logprob_temperature``):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 

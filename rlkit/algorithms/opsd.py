@@ -320,8 +320,10 @@ class OPSD(Regularizer):
         if path:
             from ..modeling import load_causal_lm
 
-            m = load_causal_lm(path, self._cfg("model", "dtype", default="float32"),
-                               bool(self._cfg("model", "trust_remote_code", default=False)), self._cfg("model", "attn_implementation"))
+            dev = next(model.parameters()).device
+            with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):  # keep the RNG streams
+                m = load_causal_lm(path, self._cfg("model", "dtype", default="float32"),
+                                   bool(self._cfg("model", "trust_remote_code", default=False)), self._cfg("model", "attn_implementation"))
         else:  # no config (unit tests): the weights as they are at the first call = the initial policy
             m = copy.deepcopy(model)
         dev = next(model.parameters()).device

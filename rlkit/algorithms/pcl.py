@@ -46,6 +46,7 @@ prompts = their difficulty), ``selected_dist_to_tau``, ``pool_pred_mean``,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -139,6 +140,26 @@ class PromptValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head_forward(self.features(input_ids, attention_mask))
+
+
+@contextlib.contextmanager
+def _private_rng(device, seed: int):
+    """Run a block with its own seeded RNG; the global CPU (and current CUDA) RNG states are restored after."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _to_cpu(obj):
+    """A detached CPU copy of nested optimizer state (never aliases the live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -236,15 +257,18 @@ class PCLSelector(PromptSelector):
 
         own_path = p.model_path if p.mode == "separate" else None
         self._own_tokenizer = None
-        if backbone is None:
-            path = own_path or self._policy_path()
-            dtype = p.dtype or self._cfg("model", "dtype", default="float32")
-            backbone = load_backbone(path, dtype, bool(self._cfg("model", "trust_remote_code", default=False)))
+        # built lazily (first select, or after a resume): never touch the global RNG streams, which the
+        # trainer checkpoints, and initialise the head from the seed alone, so a resumed run matches
+        with _private_rng(self.device, int(self.ctx.seed) + 7_777):
+            if backbone is None:
+                path = own_path or self._policy_path()
+                dtype = p.dtype or self._cfg("model", "dtype", default="float32")
+                backbone = load_backbone(path, dtype, bool(self._cfg("model", "trust_remote_code", default=False)))
+            vm = PromptValueModel(backbone, p.head_hidden, p.output, p.pooling, init_value=p.tau)
         if tokenizer is not None:
             self._own_tokenizer = tokenizer
         elif own_path and own_path != self._cfg("model", "name_or_path"):
             self._own_tokenizer = load_tokenizer(own_path, bool(self._cfg("model", "trust_remote_code", default=False)))
-        vm = PromptValueModel(backbone, p.head_hidden, p.output, p.pooling, init_value=p.tau)
         vm.head.to(self.device, torch.float32)
         vm.backbone.to(self.device)
         if p.mode == "frozen_base":
@@ -467,7 +491,7 @@ class PCLSelector(PromptSelector):
             st["head"] = {k: v.detach().cpu().clone() for k, v in self.vm.head.state_dict().items()}
             if self.params.mode == "separate":
                 st["backbone"] = {k: v.detach().cpu().clone() for k, v in self.vm.backbone.state_dict().items()}
-            st["optimizer"] = self.opt.state_dict()
+            st["optimizer"] = _to_cpu(self.opt.state_dict())
         elif self._pending_state is not None:
             st.update({k: v for k, v in self._pending_state.items() if k != "draws"})
         return st

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..objectives._utils import broadcast_rows, group_moments, last_token_index, sequence_rewards, token_mask
+from ..objectives._utils import broadcast_rows, group_moments, sequence_rewards, token_mask
 from ..plugins import AdvantageEstimator
 from ..registry import register_advantage
 
@@ -80,17 +80,15 @@ def prefix_tree_deltas(response_ids: Tensor, lengths: Tensor, group_ids: Tensor,
     T = int(lens.max())
     if T == 0:
         return empty
-    tok = response_ids[:, :T].cpu().numpy()[sel]
     gid = group_ids.cpu().numpy()[sel].tolist()
     R = rewards.cpu().numpy()[sel].astype(np.float64)
-
-    # lexicographic order inside each group (group id first): compare the unpadded sequences as big-endian
-    # bytes, so a sequence sorts right before its extensions and padding never takes part
-    tb = tok.astype(">u4")
+    # token ids as big-endian uint32: comparing the unpadded rows as bytes is comparing them lexicographically,
+    # and a sequence sorts right before its extensions (padding never takes part)
+    tb = response_ids[:, :T].cpu().numpy()[sel].astype(">u4")
     lens_l = lens.tolist()
     keys = [(gid[i], tb[i, :lens_l[i]].tobytes()) for i in range(sel.size)]
-    order = np.asarray(sorted(range(sel.size), key=keys.__getitem__), dtype=np.int64)
-    tok_s, lens_s = tok[order], lens[order]
+    order = np.asarray(sorted(range(sel.size), key=keys.__getitem__), dtype=np.int64)   # group id first
+    tok_s, lens_s = tb[order], lens[order]
     gid_s = [gid[i] for i in order.tolist()]
     # LCP of adjacent sorted rows = first differing position, capped at the shorter length
     ne = tok_s[1:] != tok_s[:-1]
@@ -131,6 +129,13 @@ def prefix_tree_deltas(response_ids: Tensor, lengths: Tensor, group_ids: Tensor,
     return rows_orig, np.asarray(out_col, dtype=np.int64), np.asarray(out_val, dtype=np.float64)
 
 
+def _lengths(mask: Tensor) -> Tensor:
+    """[S] last real position + 1 (0 for an empty row); numpy, much cheaper than torch on big CPU batches."""
+    m = mask.detach().cpu().numpy().astype(bool, copy=False)
+    n = np.where(m.any(1), m.shape[1] - np.argmax(m[:, ::-1], axis=1), 0)
+    return torch.from_numpy(n.astype(np.int64))
+
+
 @register_advantage("tempo")
 class TEMPO(AdvantageEstimator):
     @dataclass
@@ -163,7 +168,7 @@ class TEMPO(AdvantageEstimator):
             div = std + p.eps
         row = torch.where(live, (R - mean[inv]) / div, torch.zeros_like(R))   # the GRPO term, float64 [S]
         adv = broadcast_rows(row, m)                                          # float32 [S,T], 0 on padding
-        r_idx, c_idx, d_val = prefix_tree_deltas(batch.response_ids, last_token_index(m) + 1, gids, R, live)
+        r_idx, c_idx, d_val = prefix_tree_deltas(batch.response_ids, _lengths(m), gids, R, live)
         if r_idx.size:
             r = torch.from_numpy(r_idx).to(adv.device)
             c = torch.from_numpy(c_idx).to(adv.device)

@@ -41,8 +41,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional
 
-import torch
-
 from ..batch import Batch
 from ..plugins import Controller
 from ..registry import register_controller

@@ -1,3 +1,3 @@
-"""Rollout engines (hf, ...) and rollout strategies (single, ...)."""
-from . import hf, strategies  # noqa: F401  (register plugins)
+"""Rollout engines (hf, vllm) and rollout strategies (single, ...)."""
+from . import hf, strategies, vllm_engine  # noqa: F401  (register plugins; vllm itself is imported lazily)
 from .base import Completion, RolloutEngine, SamplingParams  # noqa: F401

@@ -122,6 +122,8 @@ class VLLMAdapter:
         kw.update(llm_kwargs or {})
         self.executor = kw.get("distributed_executor_backend")
         set_threads = torch.set_num_threads
+        # in-process, vLLM initialises torch.distributed (world 1) itself unless a launcher did: undone in shutdown()
+        self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         try:
             self.llm = vllm.LLM(**kw)
         finally:
@@ -176,15 +178,20 @@ class VLLMAdapter:
         counter = _Counter(weights)
         if self._worker is not None:
             fn = self._worker.reload_weights
-            if "weights_iterator" in inspect.signature(fn).parameters:
+            sig = inspect.signature(fn).parameters
+            if "weights_iterator" in sig or any(p.kind is p.VAR_KEYWORD for p in sig.values()):
                 fn(weights_iterator=iter(counter))
             else:  # vLLM releases before in-place reload took an iterator (GPU only: CPU repacks weights)
                 self._worker.model_runner.model.load_weights(weights=iter(counter))
+            if self.device == "cpu":
+                refresh_tied_cpu_gemm(self._worker)
         else:
             d = tempfile.mkdtemp(prefix="rlkit-vllm-sync-", dir=staging_dir or _default_staging_dir())
             try:
                 write_safetensors_shards(counter, d, bucket_bytes)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": d})
+                if self.device == "cpu":
+                    self.llm.collective_rpc(refresh_tied_cpu_gemm)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
         self.reset_prefix_cache()
@@ -213,6 +220,35 @@ class VLLMAdapter:
                 core.shutdown()
         except Exception as e:  # best effort: the process may be exiting
             log.debug("vLLM shutdown: %s", e)
+        if self._owns_dist:
+            try:
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                destroy_distributed_environment()
+            except Exception as e:
+                log.debug("vLLM distributed teardown: %s", e)
+
+
+def refresh_tied_cpu_gemm(worker) -> None:
+    """Rebuild the CPU GEMM packing of modules that share their weight with another module.
+
+    vLLM's CPU backend packs every linear weight, including a tied ``lm_head`` (``cpu_linear``).
+    ``reload_weights`` sends a tied model's weight through ``embed_tokens`` only, so the lm_head
+    keeps its *old* packed copy and sampling would use stale logits (vLLM 0.32).  Repacking the
+    modules of every shared weight fixes that; untied models have none."""
+    model = worker.model_runner.get_model()
+    owners: Dict[int, list] = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.numel() and not w.is_meta:
+            owners.setdefault(w.data_ptr(), []).append(m)
+    for mods in owners.values():
+        if len(mods) > 1:
+            for m in mods:
+                qm = getattr(m, "quant_method", None)
+                if hasattr(m, "cpu_linear") and qm is not None:
+                    qm.process_weights_after_loading(m)
 
 
 class _Counter:
