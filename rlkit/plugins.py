@@ -127,6 +127,7 @@ class ExperienceFilter(Plugin):
     to sample more prompts until ``prompts_per_step`` groups survive."""
     stage: str = "pre_advantage"
     max_refill_rounds: int = 0
+    rescore_after: bool = False   # re-run the scoring pass on this filter's output (rows kept across steps)
 
     def __call__(self, batch: Batch) -> Optional[Batch]:
         raise NotImplementedError
