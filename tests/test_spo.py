@@ -280,6 +280,20 @@ def test_tree_strategy_builds_levels_in_batched_calls(tok):
     m = strat.metrics()
     assert m["spo/tree_edges"] == 12 and m["spo/edges_nonzero"] == 6 and m["spo/generated_tokens"] == 3 * (2 + 2 + 3 + 3)
 
+    # with replay: one edge per question per step; left-over edges come back next step with their birth step
+    # (out of the gap check) and their generation-time log-probs as PPO "old" log-probs (code behaviour)
+    strat = SPOTreeRollout(SPOTreeRollout.Params(branching=[2, 2], segment_tokens=2, replay_edges_per_question=1))
+    assert strat.needs == {"old_logprobs"}
+    b1 = strat(rows, _rctx(FakeEngine(script, tok), FakeRewarder(), tok, max_new=6, step=1))
+    assert len(b1) == 3 and len(strat.buffer) == 3 and b1.extras["rollout_step"].tolist() == [1.0] * 3
+    rows2 = [{"prompt": f"r{k}:", "prompt_ids": [1] + _ids(tok, f"r{k}:"), "answer": "a"} for k in range(3)]
+    b2 = strat(rows2, _rctx(FakeEngine(script, tok), FakeRewarder(), tok, max_new=6, step=2))
+    born = b2.extras["rollout_step"]
+    assert len(b2) == 6 and len(strat.buffer) == 3 and (born == 1).sum() == 3   # 3 old questions + 3 new ones
+    assert torch.equal(b2.extras["keep_old_logprobs"], (born != 2).float())
+    assert torch.equal(b2.old_logprobs, b2.rollout_logprobs)
+    assert strat.metrics()["spo/edges_replayed"] == float((born != 2).sum())
+
 
 # ------------------------------------------------------------------------------- replay buffer
 def _edges(q, n):

@@ -51,7 +51,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -254,7 +254,6 @@ class OPSD(Regularizer):
         self._ema_version: Optional[int] = None
         self._ema_steps = 0
         self._pending_ema: Optional[Dict[str, Any]] = None
-        self._model = None
 
     # ------------------------------------------------------------ config helpers
     def _cfg(self, *path, default=None):
@@ -411,13 +410,12 @@ class OPSD(Regularizer):
         model = fwd.model
         if model is None:
             raise ValueError("opsd: the trainer's ForwardOutput has no model for the teacher pass")
-        self._model = model
         if p.teacher == "ema":
             self._maybe_update_ema()
         pad_id = self.ctx.tokenizer.pad_token_id if self.ctx.tokenizer is not None and self.ctx.tokenizer.pad_token_id is not None else 0
         prompts = self.teacher_prompt_ids(batch)
         dev = inp.logprobs.device
-        mask = batch.response_mask.to(dev) > 0
+        mask = batch.response_mask.to(dev) > 0  # real tokens (never the pad id: pad may equal EOS)
         ht, rows, cols, wt, bt = self._teacher_hidden(model, batch, prompts, pad_id)
         rows, cols = rows.to(dev), cols.to(dev)
         targets = batch.response_ids.to(dev)[rows, cols]

@@ -280,6 +280,7 @@ class PCLSelector(PromptSelector):
             lr = p.lr if p.lr is not None else float(self._cfg("trainer", "lr", default=1e-6))
             groups = [{"params": [q for q in vm.backbone.parameters() if q.requires_grad], "lr": lr},
                       {"params": list(vm.head.parameters()), "lr": p.head_lr}]
+        vm.eval()  # train mode only inside `update` (separate mode)
         self.vm = vm
         self.opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
         self._pad_id = self._pad_id_of(self._own_tokenizer or self.ctx.tokenizer)
@@ -328,9 +329,9 @@ class PCLSelector(PromptSelector):
             for s in range(0, len(todo), mb):
                 part = todo[s:s + mb]
                 f = vm.features(*_pad([self._prompt_ids(i) for i in part], self._pad_id, self.device))
-                for i, row in zip(part, f):
-                    cache[i] = row
-        return torch.stack([cache[i] for i in idx])
+                for i, row in zip(part, f.cpu()):
+                    cache[i] = row  # on the CPU: the cache can hold a whole dataset
+        return torch.stack([cache[i] for i in idx]).to(self.device)
 
     def _iter_pred(self, idx: Sequence[int]):
         """(start, predictions) per micro-batch of rows ``idx``; with grad where the module trains."""

@@ -437,6 +437,10 @@ class SPOTreeRollout(RolloutStrategy):
       unfinished_reward: value of a leaf truncated at the response budget (code: 0); ``None`` = verifier reward.
       replay:           on-policy replay buffer (code ``OnPolicyReplayBuffer``); ``replay_max_age`` (8) and
                         ``replay_edges_per_question`` (32).
+      replay_old_logprobs: the PPO "old" log-probs of replayed edges: ``generation`` (code: the log-probs stored
+                        when the edge was generated, so the ratio is against the generating policy; the strategy then
+                        asks for the scoring pass so that fresh edges are scored at the current weights) or
+                        ``current`` (every row re-scored at the current weights).
     ``rollout.samples_per_prompt`` is not used (the tree defines the samples).  Edge rows: ``prompt_ids`` =
     prompt + the parent's path, response = the segment, ``group_ids`` = the prompt's group id (replayed edges
     keep the id of the step that generated them), ``rewards`` = V(child), ``extras["spo_edge_advantage"]``.
@@ -451,8 +455,11 @@ class SPOTreeRollout(RolloutStrategy):
         replay: bool = True
         replay_max_age: int = 8
         replay_edges_per_question: int = 32
+        replay_old_logprobs: Literal["generation", "current"] = "generation"
 
         def __post_init__(self):
+            if self.replay_old_logprobs not in ("generation", "current"):
+                raise ValueError(f"spo_tree: replay_old_logprobs must be generation or current, got {self.replay_old_logprobs!r}")
             if not self.branching or any(int(b) < 1 for b in self.branching):
                 raise ValueError(f"spo_tree: branching must be a non-empty list of integers >= 1, got {self.branching}")
             if self.segment_tokens < 1:
@@ -476,6 +483,8 @@ class SPOTreeRollout(RolloutStrategy):
         p = self.params
         self.buffer = OnPolicyReplayBuffer(p.replay_max_age, p.replay_edges_per_question,
                                            seed=int(self.ctx.seed) * 7919 + int(self.ctx.rank))
+        self.keep_generation_logprobs = p.replay and p.replay_old_logprobs == "generation"
+        self.needs = frozenset({"old_logprobs"}) if self.keep_generation_logprobs else frozenset()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}
@@ -586,7 +595,12 @@ class SPOTreeRollout(RolloutStrategy):
         b.extras[EXTRA_EDGE_ADV] = torch.tensor([e["advantage"] for e in edges], dtype=torch.float32)
         b.info["spo_depth"] = [e["depth"] for e in edges]
         b.info["spo_leaf"] = [e["leaf"] for e in edges]
-        b.info["spo_age"] = [step - e.get("iteration", step) for e in edges]
+        born = torch.tensor([float(e.get("iteration", step)) for e in edges])
+        b.info["spo_age"] = [step - int(x) for x in born.tolist()]
+        b.extras["rollout_step"] = born        # replayed edges stay out of the trainer's weight-sync gap check
+        if self.keep_generation_logprobs:      # replayed edges: PPO ratio against the generating policy (code)
+            b.old_logprobs = b.rollout_logprobs.clone()
+            b.extras["keep_old_logprobs"] = (born != step).float()
         return b
 
     def metrics(self) -> Dict[str, float]:
