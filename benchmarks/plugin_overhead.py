@@ -151,7 +151,7 @@ def main() -> None:
     d3s_g = FILTERS.get("d3s_samples")(FILTERS.get("d3s_samples").Params(scope="group"))
     rows.append(("filter d3s_samples (scope group)", bench(d3s_g, lambda: fresh(with_adv), a.repeats), ""))
     d3s_t = TOKEN_WEIGHTING.get("d3s_tokens")()
-    rows.append(("token_weighting d3s_tokens (K 0.2)", bench(d3s_t, lambda: fresh(with_adv), a.repeats), "pooled top-K sort"))
+    rows.append(("token_weighting d3s_tokens (K 0.2)", bench(d3s_t, lambda: fresh(with_adv), a.repeats), "pooled top-K (O(n) selection)"))
     d3s_ts = TOKEN_WEIGHTING.get("d3s_tokens")(TOKEN_WEIGHTING.get("d3s_tokens").Params(scope="sequence"))
     rows.append(("token_weighting d3s_tokens (per seq)", bench(d3s_ts, lambda: fresh(with_adv), a.repeats), ""))
     dapo = FILTERS.get("dapo_dynamic_sampling")()

@@ -133,7 +133,7 @@ class RlkitRunner:
             "completions": float(m.get("train/samples", float("nan"))), "optimizer_steps": self.opt_steps - before,
             "length_min": m.get("response_length/min"), "length_max": m.get("response_length/max"),
             "length_mean": m.get("response_length/mean"), "logprob_gap": m.get("logprob_gap/mean"),
-            "reward": m.get("reward/mean"),
+            "reward_mean": m.get("reward/mean"),
         }
         self.steps.append(rec)
         return rec
@@ -344,7 +344,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per trainer")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, per trainer")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both trainers")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for both trainers (default 1: see benchmarks/README.md)")
     p.add_argument("--size", default="tiny", help="rlkit.toy size (tiny: 2 layers, hidden 64)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss-type", choices=sorted(LOSS_TYPES), default="grpo",

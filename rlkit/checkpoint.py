@@ -4,7 +4,8 @@
 
     step_N/model/         HF format (config, safetensors, tokenizer): from_pretrained / vLLM
     step_N/state/         accelerate state: optimizer, scheduler, RNG of every rank
-    step_N/rlkit.pt       step, prompt-selector position, plugin states
+    step_N/plugins_rankR.pt   each rank's plugin states (prompt-selector position, buffers, value models) and group-id counter
+    step_N/rlkit.pt       the step (and rank 0's plugin states); written last
 """
 from __future__ import annotations
 

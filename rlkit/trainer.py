@@ -210,6 +210,9 @@ class Trainer:
         self.acc.load_state(os.path.join(path, "state"))
         state = torch.load(os.path.join(path, "rlkit.pt"), weights_only=False)
         self.step_idx = state["step"]
+        own = os.path.join(path, f"plugins_rank{self.rank}.pt")  # each rank's buffers, value models, counters
+        if os.path.exists(own):
+            state = {**state, **torch.load(own, weights_only=False)}
         self._next_group = state.get("next_group", 0)
         for k, p in self._plugins_with_state.items():
             if k in state["plugins"]:
@@ -233,9 +236,11 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.acc.save_state(os.path.join(tmp, "state"))
         self.save_model(os.path.join(tmp, "model"))
-        if self.acc.is_main_process:
-            torch.save({"step": self.step_idx, "next_group": self._next_group, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}},
-                       os.path.join(tmp, "rlkit.pt"))
+        plugin_state = {"next_group": self._next_group, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}}
+        torch.save(plugin_state, os.path.join(tmp, f"plugins_rank{self.rank}.pt"))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:  # rlkit.pt is written last: its presence marks a complete checkpoint
+            torch.save({"step": self.step_idx, **plugin_state}, os.path.join(tmp, "rlkit.pt"))
             if os.path.exists(final):
                 import shutil
 

@@ -34,8 +34,9 @@ O(n^2 L) Python loop; same numbers):
    from ``response_mask``), so ``pad_token_id == eos_token_id`` cannot merge a
    finished response with a longer one (the official code compares padded ids
    and gets that case wrong).
-3. The rows of each group are sorted lexicographically (one ``np.lexsort``
-   over all groups); then every trie node is a contiguous run of sorted rows,
+3. The rows of each group are sorted lexicographically (the unpadded rows
+   compared as big-endian uint32 bytes: one Python ``sorted`` over the batch,
+   group id first); then every trie node is a contiguous run of sorted rows,
    and the longest common prefix (LCP) of a run is the minimum of the LCPs of
    adjacent rows, which are computed in one vectorised comparison.  The trie
    is walked as a radix tree (only branch nodes are visited, a few per row):
