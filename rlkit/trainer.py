@@ -387,6 +387,8 @@ class Trainer:
                         batch.token_weights = torch.ones_like(batch.response_mask)
                     for w in self.token_weighting:
                         w(batch)
+                        for k, v in (w.metrics() if hasattr(w, "metrics") else {}).items():
+                            ms.mean(k, v, 1)
         train_batch = batch if batch is not None and len(batch) else None
 
         # 4. update (every rank joins, even with nothing to train, so collectives match)
