@@ -1,23 +1,27 @@
 #!/usr/bin/env python
 """Seconds per GRPO step, split by stage: rlkit, and TRL's ``GRPOTrainer`` on the same workload when ``trl`` is installed.
 
-    python benchmarks/step_time.py --steps 10 --warmup 2 [--threads 2] [--json OUT] [--no-trl]
+    python benchmarks/step_time.py --steps 10 --warmup 2 [--threads 1] [--clock wall|cpu] [--json OUT] [--no-trl]
 
 The workload is fixed: 8 prompts x 8 samples = 64 completions per step, exactly 32 new tokens each
 (``min_new_tokens = max_new_tokens = 32`` in the model's generation config, so no completion stops at EOS),
 the 2-layer random-init toy Llama of ``rlkit.toy`` (``--size tiny``: hidden 64, vocab 46), the toy echo
 reward (``rewards/toy.py:echo``), temperature 1.0, no KL (no reference model), one PPO epoch and one
 mini-batch, i.e. exactly one optimizer step per RL step, fp32 on CPU.  Every step uses the same 8 prompts.
-The script checks these invariants on every timed step of both trainers and exits 1 if one fails.
+The script checks these invariants on every timed step of both trainers (and that both moved the weights)
+and exits 1 if one fails.  Masking EOS makes the sampling distribution differ from the full softmax by
+log(1 - p_eos), so rlkit's ``logprob_gap/mean`` reads about 0.016 here instead of ~0; that is expected.
 
 Both trainers are built from the same weights in this one process, use the same ``torch.set_num_threads``
 and run interleaved step by step (TRL step, rlkit step, TRL step, ...: rlkit's step runs inside a TRL
 ``on_step_end`` callback, outside TRL's clock), so load from other processes on a shared machine hits both
 alike.  The first ``--warmup`` steps of each are not timed.
 
-Per-step time is wall clock.  rlkit: the ``Trainer.step()`` call.  TRL: from the end of its previous step
-(after rlkit's step returned) to its next ``on_step_end``, so it covers data loading, generation, reward,
-loss, backward, optimizer and TRL's metric bookkeeping.  Stages: rlkit's ``time/*`` metrics; for TRL the time
+Per-step time is wall clock (``--clock cpu``: process CPU seconds over all threads, for every timer
+including rlkit's own ``time/*``; far less sensitive to other processes on a shared machine).  rlkit: the
+``Trainer.step()`` call.  TRL: from the end of its previous step (after rlkit's step returned) to its next
+``on_step_end``, so it covers data loading, generation, reward, loss, backward, optimizer and TRL's metric
+bookkeeping.  Stages: rlkit's ``time/*`` metrics; for TRL the time
 inside its methods ``_generate`` (rollout), ``_calculate_rewards`` (reward), ``_generate_and_score_completions``
 minus those two (advantage: padding, advantages, metric gathers), ``training_step`` minus ``_prepare_inputs``
 plus ``_clip_grad_norm`` plus ``optimizer.step`` (train); TRL has no separate scoring pass or weight sync in
@@ -70,6 +74,11 @@ def prompt_rows() -> List[Dict[str, str]]:
     return echo_rows(PROMPTS, seed=0)
 
 
+def weights_changed(initial, model) -> bool:
+    """Whether training moved the weights (a trainer that silently skips its updates would look fast)."""
+    return any(not torch.equal(a, b.detach()) for a, b in zip(initial, model.parameters()))
+
+
 def summarize_lengths(lengths: List[int]) -> Dict[str, float]:
     return {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)} if lengths else {}
 
@@ -112,6 +121,7 @@ class RlkitRunner:
         }
         cfg = load_config([f"{k}={v}" for k, v in overrides.items()])  # trainer.mixed_precision defaults to "no"
         self.tr = Trainer(cfg, train_rows=[dict(r) for r in rows])
+        self.initial = [p.detach().clone() for p in self.tr.unwrapped_lm.parameters()]
         self.opt_steps = 0
         inner = getattr(self.tr.optimizer, "optimizer", self.tr.optimizer)  # accelerate wraps the torch optimizer
         inner.register_step_post_hook(self._count)
@@ -141,6 +151,7 @@ class RlkitRunner:
     def info(self) -> Dict[str, Any]:
         tr = self.tr
         return {"score_pass": bool(tr.score_pass), "minibatches": tr.num_minibatches,
+                "weights_changed": weights_changed(self.initial, tr.unwrapped_lm),
                 "param_dtypes": sorted({str(p.dtype) for p in tr.unwrapped_lm.parameters()}),
                 "mixed_precision": str(tr.acc.mixed_precision), "threads_after": torch.get_num_threads()}
 
@@ -190,6 +201,7 @@ class TRLRunner:
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(model_dir)
+        self.initial = [p.detach().clone() for p in model.parameters()]
         self.trainer = GRPOTrainer(model=model, reward_funcs=echo_reward, args=self.cfg, train_dataset=ds, processing_class=tok)
         for cb in (PrinterCallback, ProgressCallback):  # the end-of-training summary print
             self.trainer.remove_callback(cb)
@@ -267,7 +279,8 @@ class TRLRunner:
     def info(self) -> Dict[str, Any]:
         t, c = self.trainer, self.cfg
         opt = getattr(t.optimizer, "optimizer", t.optimizer)
-        return {"loss_type": c.loss_type, "steps_per_generation": c.steps_per_generation,
+        return {"weights_changed": weights_changed(self.initial, t.model), "loss_type": c.loss_type,
+                "steps_per_generation": c.steps_per_generation,
                 "generation_batch_size": c.generation_batch_size, "gradient_checkpointing": c.gradient_checkpointing,
                 "param_dtypes": sorted({str(p.dtype) for p in t.model.parameters()}),
                 "mixed_precision": str(t.accelerator.mixed_precision), "device": str(t.accelerator.device),
@@ -318,7 +331,8 @@ def check(name: str, steps: List[Dict[str, Any]]) -> List[str]:
     return bad
 
 
-def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[str, float], trl_min: Dict[str, float] | None) -> str:
+def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[str, float], trl_min: Dict[str, float] | None,
+          cpu_row: bool = True) -> str:
     def ratio(a, b):
         return f"{a / b:>10.2f}" if b > 1e-4 else f"{'-':>10}"
 
@@ -328,7 +342,7 @@ def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[s
     else:
         head += f"   | min: {'rlkit':>7}"
     lines = [head, "-" * len(head)]
-    for k in STAGES + ["step", "cpu"]:
+    for k in STAGES + ["step"] + (["cpu"] if cpu_row else []):
         if k == "step":
             lines.append("-" * len(head))
         row = f"{k if k != 'cpu' else 'step CPU-s':<12} {ours[k]:>9.4f}"
@@ -350,6 +364,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss-type", choices=sorted(LOSS_TYPES), default="grpo",
                    help="TRL loss_type; rlkit runs the matching aggregation (grpo: seq_mean_token_mean, dapo: token_mean)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: time.perf_counter; cpu: every timer (ours, TRL's, rlkit's time/*) reads time.process_time, "
+                        "the process's CPU seconds over all threads, which other processes on a shared machine barely change")
     p.add_argument("--no-trl", action="store_true", help="time rlkit only")
     p.add_argument("--json", metavar="OUT", help="write settings, versions, per-step times and summaries here")
     args = p.parse_args(argv)
@@ -367,6 +384,8 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":  # rlkit's trainer and the TRL wrappers above all call time.perf_counter
+        time.perf_counter = time.process_time
     with_trl = not args.no_trl and trl_available()
     vers = versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
@@ -374,7 +393,8 @@ def main(argv=None) -> int:
           f"interop threads {torch.get_num_interop_threads()})")
     print(f"workload: {PROMPTS} prompts x {SAMPLES} samples = {PROMPTS * SAMPLES} completions/step, {NEW_TOKENS} new tokens, "
           f"toy:{args.size} fp32, lr {args.lr}, TRL loss_type={args.loss_type} <-> rlkit aggregation={LOSS_TYPES[args.loss_type]}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps each" + (", interleaved step by step (TRL, rlkit, TRL, ...)" if with_trl else ""))
+          f"{args.warmup} warm-up + {args.steps} timed steps each, {args.clock} clock"
+          + (", interleaved step by step (TRL, rlkit, TRL, ...)" if with_trl else ""))
     if not with_trl:
         print("TRL: " + ("skipped (--no-trl)" if args.no_trl else "not importable; `pip install trl==1.16.0` to compare"))
 
@@ -405,21 +425,23 @@ def main(argv=None) -> int:
         runs = {"rlkit": ours.steps, **({"trl": theirs.steps} if theirs else {})}
 
     problems = check("rlkit", runs["rlkit"]) + (check("trl", runs["trl"]) if theirs else [])
+    problems += [f"{who}: the weights never changed" for who, info in infos.items() if not info["weights_changed"]]
     med_o, min_o = stat(runs["rlkit"], statistics.median), stat(runs["rlkit"], min)
     med_t = stat(runs["trl"], statistics.median) if theirs else None
     min_t = stat(runs["trl"], min) if theirs else None
     print()
-    print(f"seconds per step: median (and min) over {len(timed(runs['rlkit']))} timed steps per trainer; stage medians need "
-          f"not add up to the step median; 'step CPU-s' = process CPU time per step (all threads)")
-    print(table(med_o, med_t, min_o, min_t))
+    print(f"{'wall' if args.clock == 'wall' else 'CPU'} seconds per step: median (and min) over {len(timed(runs['rlkit']))} "
+          f"timed steps per trainer; stage medians need not add up to the step median"
+          + ("; 'step CPU-s' = process CPU time per step (all threads)" if args.clock == "wall" else ""))
+    print(table(med_o, med_t, min_o, min_t, cpu_row=args.clock == "wall"))
     ratio = paired = None
     if theirs:
         ratio = med_o["step"] / med_t["step"]
         pairs = [o["step"] / t["step"] for o, t in zip(runs["rlkit"], runs["trl"]) if not o["warmup"]]
         paired = statistics.median(pairs)
         print(f"\nrlkit / TRL step time: {ratio:.2f}x (ratio of medians); {paired:.2f}x (median of per-step ratios, "
-              f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima); "
-              f"{med_o['cpu'] / med_t['cpu']:.2f}x (CPU time, ratio of medians)")
+              f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima)"
+              + (f"; {med_o['cpu'] / med_t['cpu']:.2f}x (CPU time, ratio of medians)" if args.clock == "wall" else ""))
     for who, info in infos.items():
         print(f"{who}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     gaps = [s["logprob_gap"] for s in timed(runs["rlkit"]) if s.get("logprob_gap") is not None]
@@ -432,7 +454,7 @@ def main(argv=None) -> int:
               f"exactly {NEW_TOKENS} tokens and one optimizer step" + (", and TRL ran one log-prob forward" if theirs else ""))
 
     if args.json:
-        out = {"versions": vers, "threads": args.threads, "cpu_count": os.cpu_count(),
+        out = {"versions": vers, "threads": args.threads, "cpu_count": os.cpu_count(), "clock": args.clock,
                "workload": {"prompts": PROMPTS, "samples_per_prompt": SAMPLES, "new_tokens": NEW_TOKENS, "model": f"toy:{args.size}",
                             "lr": args.lr, "trl_loss_type": args.loss_type, "rlkit_aggregation": LOSS_TYPES[args.loss_type],
                             "warmup": args.warmup, "steps": args.steps, "interleaved": bool(theirs)},

@@ -159,6 +159,12 @@ class PromptSelector(Plugin):
         """Called after rollouts and rewards (e.g. PCL value-model update)."""
         return {}
 
+    def after_advantage(self, batch: Batch) -> Dict[str, float]:
+        """Called with this rank's non-empty batch right after the advantage stage (before
+        post-advantage filters), e.g. to record advantages per data source.  No collectives
+        here (a rank may have nothing to train): gather in ``update``, which every rank calls."""
+        return {}
+
 
 # ----------------------------------------------------------- rollout rounds
 @dataclass
@@ -186,8 +192,12 @@ class RolloutStrategy(Plugin):
 
 # -------------------------------------------------------------- controllers
 class Controller(Plugin):
-    """Runs after each optimizer step; may change other plugins' params or the
-    sampling settings through the trainer.  Returns metrics to log."""
+    """Runs after each optimizer step (and, optionally, before each step); may change
+    other plugins' params or the sampling settings through the trainer.  Returns metrics to log."""
+
+    def before_step(self, trainer: Any) -> None:
+        """Runs at the start of every step (also the first one after a resume), before prompts
+        are selected; ``trainer.step_idx`` is the number of completed steps."""
 
     def after_step(self, trainer: Any, metrics: Dict[str, float]) -> Dict[str, float]:
         return {}

@@ -62,6 +62,7 @@ BUILTIN_REWARDS: Dict[str, str] = {
     "format_boxed": "rlkit.builtin_rewards.format:format_boxed",
     "length_penalty": "rlkit.builtin_rewards.length:length_penalty",
     "majority_vote": "rlkit.builtin_rewards.majority_vote:majority_vote",
+    "length_budget": "rlkit.builtin_rewards.length_budget:length_budget",
 }
 _BUILTIN_DOCS = {
     "gsm8k_strict": "1 if the last '#### N' (last 300 chars) equals the gold answer (verl strict)",
@@ -71,6 +72,7 @@ _BUILTIN_DOCS = {
     "format_boxed": "1 if a complete \\boxed{...} is present",
     "length_penalty": "linear penalty past target_length tokens, down to -scale at max_length",
     "majority_vote": "group reward: 1 if the boxed answer equals the group's majority (MM-UPT, no labels)",
+    "length_budget": "triangular length reward, peak at the budget set by the length_budget controller",
 }
 # columns that TRL passes under their plural names instead
 _RESERVED = ("prompt", "completion", "completion_ids", "prompts", "completions")

@@ -62,7 +62,7 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.trainer
-        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_distributed())
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if t.prompts_per_step % self.world:
             raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be divisible by the number of processes ({self.world}): groups are never split across ranks")
@@ -328,6 +328,8 @@ class Trainer:
         ms = MetricSums()
         t_step = time.perf_counter()
         self.rewarder.elapsed = 0.0
+        for c in self.controllers:
+            c.before_step(self)
 
         # 1-2. prompts -> rollouts + rewards; pre-advantage filters with refill rounds
         max_rounds = 1 + max([f.max_refill_rounds for f in self.pre_filters] + [0])
@@ -376,6 +378,8 @@ class Trainer:
                     self._kl_in_reward(batch, ms)
             with self._timer("advantage", timings):
                 self.advantage(batch)
+                for k, v in self.selector.after_advantage(batch).items():
+                    ms.mean(k, v, 1)
                 for f in self.post_filters:
                     batch = f(batch) if batch is not None and len(batch) else batch
                     for k, v in f.metrics().items():
@@ -409,6 +413,7 @@ class Trainer:
             self._batch_metrics(train_batch, ms)
         self.step_idx = step
         ms.set("lr", self.scheduler.get_last_lr()[0])
+        ms.set("world_size", self.world)
         metrics = ms.reduce(self.acc)
         for c in self.controllers:
             metrics.update(c.after_step(self, metrics))
@@ -737,6 +742,13 @@ class Trainer:
         res = evaluate_rows(self.engine, share, e, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
                             stop=self.cfg.rollout.stop, seed=self.cfg.trainer.seed, raw=True)
         return merge_eval(res, self.acc)
+
+
+def _cpu_distributed() -> bool:
+    """Several processes but no GPU (``accelerate launch --multi_gpu`` / ``torchrun`` on a CPU machine):
+    ask accelerate for its MULTI_CPU mode, which joins the processes with gloo.  ``accelerate launch --cpu``
+    alone starts one process (it needs an MPI hostfile for more)."""
+    return os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
 
 
 def parts_empty(pad_id: int) -> Batch:

@@ -221,6 +221,9 @@ def test_skipped_sync_is_caught_by_gap_check(trainer):
 
 @needs_vllm
 def test_grpo_end_to_end_under_accelerate(model_dir, tmp_path):
+    # One process: accelerate's --cpu launcher starts a single process whatever --num_processes says (it needs an
+    # mpirun hostfile for more).  Two ranks with one vLLM engine each (external_launcher executor, gloo) were run
+    # by hand under torchrun; see docs/vllm.md.
     _import_vllm_or_skip()
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
@@ -239,3 +242,19 @@ def test_grpo_end_to_end_under_accelerate(model_dir, tmp_path):
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.02, r
     assert all(x["logprob_gap/mean"] < 1e-4 for x in m), [x["logprob_gap/mean"] for x in m]
     assert all(x["time/weight_sync"] > 0 for x in m)
+
+
+@needs_vllm
+def test_cpu_head_size_checked_at_construction(toy_model_dir):
+    _import_vllm_or_skip()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlkit.registry import PluginError
+    from rlkit.rollout.vllm_adapter import platform_device
+    from rlkit.rollout.vllm_engine import VLLMEngine
+
+    if platform_device() != "cpu":
+        pytest.skip("CPU-only restriction")
+    lm = AutoModelForCausalLM.from_pretrained(toy_model_dir)   # toy:tiny: head size 16
+    with pytest.raises(PluginError, match="head size is 16"):
+        VLLMEngine(lm, AutoTokenizer.from_pretrained(toy_model_dir), None, model_path=toy_model_dir)

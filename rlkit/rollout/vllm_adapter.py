@@ -88,6 +88,16 @@ def platform_device() -> str:
     return str(getattr(current_platform, "device_type", "unknown"))
 
 
+def cpu_attention_head_sizes() -> List[int]:
+    """Head sizes vLLM's CPU attention backend supports (model architectures with others fail at the first step)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return list(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # moved in another release: the 0.32 list
+        return [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]
+
+
 def apply_cpu_env() -> None:
     for k, v in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)

@@ -271,6 +271,8 @@ class VLLMEngine(RolloutEngine):
         import_vllm()
         self.device = platform_device()
         cuda = self.device == "cuda"
+        if self.device == "cpu":
+            self._check_cpu_head_size(model)
         util = float(a["gpu_memory_utilization"]) if cuda else None
         if cuda:
             check_gpu_memory(util)
@@ -314,6 +316,20 @@ class VLLMEngine(RolloutEngine):
         if not name:
             raise PluginError("vllm engine: no model path; set model.name_or_path or rollout.engine_args.model_path")
         return resolve(name)
+
+    @staticmethod
+    def _check_cpu_head_size(model) -> None:
+        from .vllm_adapter import cpu_attention_head_sizes
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        c = getattr(base, "config", None)
+        if c is None or not getattr(c, "num_attention_heads", None):
+            return
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        sizes = cpu_attention_head_sizes()
+        if head not in sizes:
+            raise PluginError(f"vllm engine on CPU: the model's attention head size is {head}, but vLLM's CPU attention supports "
+                              f"only {sizes} (toy:tiny has 16: see docs/vllm.md for a CPU-sized test model)")
 
     @staticmethod
     def _tokenizer_path(config, model_path: str) -> str:
