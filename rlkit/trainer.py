@@ -369,30 +369,32 @@ class Trainer:
         ms.mean("rollout/rounds", rounds, 1)
         batch = self._concat_keep_groups(parts, self.local_prompts)
 
-        # 3. scoring: old/ref log-probs, entropy, values (only what is needed)
-        if len(batch):
-            with self._timer("score", timings):
-                if self.score_pass:
-                    self._score(batch)
-                if self.kl_fn is not None and cfg.algorithm.kl.placement == "reward":
-                    self._kl_in_reward(batch, ms)
-            with self._timer("advantage", timings):
+        # 3. scoring: old/ref log-probs, entropy, values (only what is needed; every rank runs the
+        #    scoring forwards, an empty batch included, so collective-bearing forwards stay in step)
+        with self._timer("score", timings):
+            if self.score_pass:
+                self._score(batch)
+            if len(batch) and self.kl_fn is not None and cfg.algorithm.kl.placement == "reward":
+                self._kl_in_reward(batch, ms)
+        with self._timer("advantage", timings):
+            if len(batch):
                 self.advantage(batch)
                 for k, v in self.selector.after_advantage(batch).items():
                     ms.mean(k, v, 1)
-                for f in self.post_filters:
-                    batch = f(batch) if batch is not None and len(batch) else batch
+            for f in self.post_filters:
+                if batch is not None and len(batch):
+                    batch = f(batch)
                     for k, v in f.metrics().items():
                         ms.mean(k, v, 1)
-                    if getattr(f, "rescore_after", False) and batch is not None and len(batch):
-                        self._score(batch)  # rows kept from earlier steps: old/ref log-probs at the current weights
-                if batch is not None and len(batch):
-                    if batch.token_weights is None:
-                        batch.token_weights = torch.ones_like(batch.response_mask)
-                    for w in self.token_weighting:
-                        w(batch)
-                        for k, v in (w.metrics() if hasattr(w, "metrics") else {}).items():
-                            ms.mean(k, v, 1)
+                if getattr(f, "rescore_after", False):  # rows kept from earlier steps: re-score at the current weights
+                    self._score(batch if batch is not None else parts_empty(self.pad_id))
+            if batch is not None and len(batch):
+                if batch.token_weights is None:
+                    batch.token_weights = torch.ones_like(batch.response_mask)
+                for w in self.token_weighting:
+                    w(batch)
+                    for k, v in (w.metrics() if hasattr(w, "metrics") else {}).items():
+                        ms.mean(k, v, 1)
         train_batch = batch if batch is not None and len(batch) else None
 
         # 4. update (every rank joins, even with nothing to train, so collectives match)
@@ -458,9 +460,12 @@ class Trainer:
             row_temp = torch.where(torch.isnan(row_temp) | (row_temp <= 0), torch.full_like(row_temp, temp), row_temp)
             temp = row_temp[r].to(dev)
         ctx = nullcontext() if grad else torch.no_grad()
+        critic = self.critic
+        if not grad:  # no-grad passes skip the DDP wrapper (its forward broadcasts buffers, a collective)
+            module, critic = self.acc.unwrap_model(module), (self.acc.unwrap_model(critic) if critic is not None else None)
         with ctx:
             out = module(*args, temperature=temp, need_entropy=need_entropy, return_hidden=hidden)
-            v = self.critic(*args) if values and self.critic is not None else None
+            v = critic(*args) if values and critic is not None else None
         return out, v
 
     def _microbatches(self, b: Batch) -> List[List[int]]:
@@ -489,8 +494,12 @@ class Trainer:
         stored = {n: getattr(batch, n) for n in ("old_logprobs", "ref_logprobs")} if keep is not None and keep.any() else {}
         need_ent = "entropy" in self.needs
         lps, ents, vals, refs = [], [], [], []
-        micro = self._microbatches(batch)
-        for ids in micro:
+        micro = self._microbatches(batch) if len(batch) else []
+        for k in range(self._max_int(len(micro))):
+            if k >= len(micro):  # keep forwards in step across ranks (ZeRO-3 gathers parameters collectively)
+                self._forward(self.policy, self._dummy_batch(), False, grad=False)
+                continue
+            ids = micro[k]
             mb = batch.select(ids)
             T = batch.response_ids.shape[1]
             (lp, ent, _), v = self._forward(self.policy, mb, need_ent, grad=False, values="values" in self.needs)
@@ -501,6 +510,8 @@ class Trainer:
                 vals.append(pad(v))
             if "ref_logprobs" in self.needs:
                 refs.append(pad(self._ref_logprobs(mb)))
+        if not micro:
+            return
         order = torch.tensor([i for ids in micro for i in ids])
         inv = torch.empty_like(order)
         inv[order] = torch.arange(len(order))

@@ -42,3 +42,23 @@ def test_accelerate_two_process_grpo_reward_rises(tmp_path, toy_model_dir):
 
     ck = run / "checkpoints" / "step_16" / "model"
     AutoModelForCausalLM.from_pretrained(ck)
+
+
+def test_two_processes_uneven_work_do_not_hang(tmp_path, toy_model_dir):
+    """DAPO drops different groups on each rank (refill rounds, uneven micro-batch counts), with a scoring pass,
+    a reference model and several mini-batches: every collective must still line up."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "launch" / "train.py"),
+           f"recipe={REPO}/recipes/quickstart.yaml", f"model.name_or_path={toy_model_dir}",
+           f"data.path={REPO}/recipes/data/echo_train.jsonl", f"data.eval_path={REPO}/recipes/data/echo_test.jsonl",
+           f"reward.functions=[{REPO}/rewards/toy.py:echo]", "trainer.total_steps=4", "trainer.prompts_per_step=8",
+           "rollout.samples_per_prompt=4", "trainer.ppo_epochs=2", "trainer.samples_per_minibatch=8",
+           "trainer.tokens_per_microbatch=40", "algorithm.kl.coef=0.01",
+           "algorithm.filters=[{name: dapo_dynamic_sampling, max_refill_rounds: 2}]",
+           f"trainer.output_dir={tmp_path}", "trainer.run_name=uneven", "trainer.progress_bar=false", "trainer.save_every=2"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    m = [json.loads(l) for l in open(tmp_path / "uneven" / "metrics.jsonl")]
+    assert [r["step"] for r in m] == [1, 2, 3, 4] and all(r["world_size"] == 2 for r in m)
+    assert all(r["kl/mean"] >= 0 for r in m)
