@@ -37,7 +37,7 @@ class _RecordLogprobs:
     def collect(self, input_ids: torch.LongTensor) -> None:
         if self.prev is not None and input_ids.shape[1] > self.prompt_len + len(self.out):
             tok = input_ids[:, -1:]
-            self.out.append(self.prev.gather(-1, tok.to(self.prev.device)).squeeze(-1).cpu())
+            self.out.append(self.prev.gather(-1, tok.to(self.prev.device)).squeeze(-1))  # stays on device: no per-token sync
             self.prev = None
 
 
@@ -120,7 +120,7 @@ class HFEngine(RolloutEngine):
                 seqs = out.sequences
                 rec.collect(seqs)
                 gen = seqs[:, P:].cpu()
-                lps = torch.stack(rec.out, dim=1) if rec.out else torch.zeros(gen.shape[0], 0)
+                lps = torch.stack(rec.out, dim=1).cpu() if rec.out else torch.zeros(gen.shape[0], 0)
                 for i in range(len(chunk)):
                     row: List[Completion] = []
                     for j in range(n):
