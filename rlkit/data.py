@@ -92,20 +92,23 @@ def prepare_rows(raw: Sequence[Dict[str, Any]], cfg: DataConfig, source: str = "
     return out
 
 
+def encode_prompt(tokenizer, text: str, chat_template: bool = False, system_prompt: Optional[str] = None) -> List[int]:
+    """Prompt token ids: the tokenizer's chat template with a generation prompt, or plain text."""
+    if chat_template:
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = (system_prompt + "\n" if system_prompt else "") + text
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 def tokenize_rows(rows: List[Dict[str, Any]], cfg: DataConfig, tokenizer) -> List[Dict[str, Any]]:
     """Add ``prompt_ids`` (chat template or plain text); drop over-long prompts."""
     kept = []
     for r in rows:
-        if cfg.chat_template:
-            msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
-                {"role": "user", "content": r["prompt"]}]
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            text = (cfg.system_prompt + "\n" if cfg.system_prompt else "") + r["prompt"]
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = encode_prompt(tokenizer, r["prompt"], cfg.chat_template, cfg.system_prompt)
         if len(ids) > cfg.max_prompt_tokens:
             continue
         r["prompt_ids"] = ids

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..batch import Batch
+from ..data import encode_prompt
 from ..modeling import _decoder_and_head, build_inputs, chunked_logprobs
 from ..plugins import AdvantageEstimator, ForwardOutput, LossInputs, Regularizer
 from ..registry import register_advantage, register_regularizer
@@ -192,17 +193,6 @@ def fill_template(template: str, values: Dict[str, Any]) -> str:
     return _PLACEHOLDER.sub(rep, template)
 
 
-def _encode(tokenizer, text: str, chat_template: bool, system_prompt: Optional[str]) -> List[int]:
-    if chat_template:
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = (system_prompt + "\n" if system_prompt else "") + text
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
 # ------------------------------------------------------------------ plugins
 @register_advantage("zero")
 class ZeroAdvantage(AdvantageEstimator):
@@ -285,7 +275,7 @@ class OPSD(Regularizer):
             text = fill_template(p.teacher_template, cols)
             ids = self._prompt_cache.get(text)
             if ids is None:
-                ids = _encode(tok, text, chat, system)
+                ids = encode_prompt(tok, text, chat, system)
                 if p.teacher_suffix:
                     ids = ids + list(tok(p.teacher_suffix, add_special_tokens=False)["input_ids"])
                 if len(self._prompt_cache) > 200_000:

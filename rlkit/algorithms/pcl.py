@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from ..batch import Batch
+from ..data import encode_prompt
 from ..plugins import PromptSelector
 from ..registry import register_prompt_selector
 
@@ -89,18 +90,6 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     if var <= 0:
         return math.nan
     return float(1.0 - (target - pred).var(unbiased=False) / var)
-
-
-def encode_prompt(tokenizer, text: str, chat_template: bool = False, system_prompt: Optional[str] = None) -> List[int]:
-    """Token ids of a prompt, the way :func:`rlkit.data.tokenize_rows` builds them."""
-    if chat_template:
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = (system_prompt + "\n" if system_prompt else "") + text
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 # ------------------------------------------------------------ value model

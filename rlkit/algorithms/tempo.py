@@ -58,7 +58,8 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..objectives._utils import broadcast_rows, group_moments, sequence_rewards, token_mask
+from ..objectives._utils import broadcast_rows, token_mask
+from ..objectives.grpo import group_baseline
 from ..plugins import AdvantageEstimator
 from ..registry import register_advantage
 
@@ -155,19 +156,9 @@ class TEMPO(AdvantageEstimator):
     def __call__(self, batch: Batch) -> None:
         p = self.params
         m = token_mask(batch)
-        R, valid = sequence_rewards(batch)
+        R, _, mean, div, live = group_baseline(batch, p.scale_by_std, p.std_scope, p.eps)   # live: non-zero rows
         gids = batch.group_ids.to(R.device)
-        inv, _, mean, var, constant = group_moments(R, valid, gids)
-        live = valid & ~constant[inv]                        # rows that get a non-zero advantage
-        div = torch.ones_like(R)
-        if p.scale_by_std:
-            if p.std_scope == "group":
-                std = var.sqrt()[inv]
-            else:
-                Rv = R[valid]
-                std = (Rv.std(unbiased=True) if Rv.numel() > 1 else R.new_zeros(())).expand_as(R)
-            div = std + p.eps
-        row = torch.where(live, (R - mean[inv]) / div, torch.zeros_like(R))   # the GRPO term, float64 [S]
+        row = torch.where(live, (R - mean) / div, torch.zeros_like(R))   # the GRPO term, float64 [S]
         adv = broadcast_rows(row, m)                                          # float32 [S,T], 0 on padding
         r_idx, c_idx, d_val = prefix_tree_deltas(batch.response_ids, _lengths(m), gids, R, live)
         if r_idx.size:

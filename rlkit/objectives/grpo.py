@@ -27,7 +27,7 @@ Implementation conventions (spec B, Sec. 5.2):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -35,6 +35,29 @@ from ..batch import Batch
 from ..plugins import AdvantageEstimator
 from ..registry import register_advantage
 from ._utils import broadcast_rows, group_moments, sequence_rewards, token_mask
+
+
+class GroupBaseline(NamedTuple):
+    R: torch.Tensor       # [S] float64 sequence rewards
+    valid: torch.Tensor   # [S] bool, reward not NaN
+    mean: torch.Tensor    # [S] the row's group mean
+    div: torch.Tensor     # [S] std + eps (or 1 without std scaling)
+    live: torch.Tensor    # [S] bool: valid and the group's rewards are not all equal
+
+
+def group_baseline(batch: Batch, scale_by_std: bool, std_scope: str, eps: float) -> GroupBaseline:
+    """The GRPO statistics shared by every group-relative estimator (GRPO, TEMPO, ...)."""
+    R, valid = sequence_rewards(batch)
+    inv, _, mean, var, constant = group_moments(R, valid, batch.group_ids.to(R.device))
+    div = torch.ones_like(R)
+    if scale_by_std:
+        if std_scope == "group":
+            std = var.sqrt()[inv]
+        else:
+            Rv = R[valid]
+            std = (Rv.std(unbiased=True) if Rv.numel() > 1 else R.new_zeros(())).expand_as(R)
+        div = std + eps
+    return GroupBaseline(R, valid, mean[inv], div, valid & ~constant[inv])
 
 
 @register_advantage("grpo")
@@ -53,19 +76,8 @@ class GRPO(AdvantageEstimator):
 
     def sequence_advantages(self, batch: Batch) -> torch.Tensor:
         """Per-row advantage [S] (float64)."""
-        p = self.params
-        R, valid = sequence_rewards(batch)
-        inv, n, mean, var, constant = group_moments(R, valid, batch.group_ids.to(R.device))
-        A = R - mean[inv]
-        if p.scale_by_std:
-            if p.std_scope == "group":
-                std = var.sqrt()[inv]
-            else:
-                Rv = R[valid]
-                std = (Rv.std(unbiased=True) if Rv.numel() > 1 else R.new_zeros(())).expand_as(R)
-            A = A / (std + p.eps)
-        zero = constant[inv] | ~valid
-        return torch.where(zero, torch.zeros_like(A), A)
+        g = group_baseline(batch, self.params.scale_by_std, self.params.std_scope, self.params.eps)
+        return torch.where(g.live, (g.R - g.mean) / g.div, torch.zeros_like(g.R))
 
     def __call__(self, batch: Batch) -> None:
         m = token_mask(batch)
