@@ -9,7 +9,7 @@ no ``[S, T, V]`` tensor, fp32 or otherwise, ever exists.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

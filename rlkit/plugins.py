@@ -11,7 +11,7 @@ plugin runs: any of ``old_logprobs``, ``entropy``, ``ref_logprobs``, ``values``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -46,6 +46,16 @@ class Plugin:
     def __init__(self, params: Optional["Plugin.Params"] = None, ctx: Optional[PluginContext] = None):
         self.params = params if params is not None else self.Params()
         self.ctx = ctx or PluginContext()
+
+    def config_value(self, *path: str, default: Any = None) -> Any:
+        """A value of the run's config by attribute path, e.g. ``config_value("trainer", "lr")``;
+        ``default`` when there is no config or the value is unset."""
+        obj = self.ctx.config
+        for p in path:
+            if obj is None:
+                return default
+            obj = getattr(obj, p, None)
+        return default if obj is None else obj
 
     # plugins with internal state (buffers, value models, counters) override these
     def state_dict(self) -> Dict[str, Any]:

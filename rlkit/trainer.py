@@ -15,10 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -26,7 +24,7 @@ import torch
 from . import checkpoint as ckpt
 from .batch import Batch
 from .config import ConfigError, RLConfig, make_params, save_config, to_dict
-from .metrics import MetricSums, nan_mean
+from .metrics import MetricSums
 from .modeling import PolicyModule, ValueModule, build_inputs, load_backbone, load_causal_lm, load_tokenizer
 from .plugins import AggNorm, ForwardOutput, LossInputs, PluginContext, RolloutContext
 from .registry import (ADVANTAGES, AGGREGATIONS, CONTROLLERS, FILTERS, KL_ESTIMATORS, POLICY_LOSSES, PROMPT_SELECTORS,
@@ -547,7 +545,6 @@ class Trainer:
     def _update(self, batch: Optional[Batch], ms: MetricSums) -> bool:
         """PPO epochs x mini-batches x micro-batches.  Returns whether any optimizer step was taken."""
         t = self.cfg.trainer
-        a = self.cfg.algorithm
         S = len(batch) if batch is not None else 0
         if not self._any(S > 0):
             ms.mean("train/skipped_empty_steps", 1, 1)

@@ -66,3 +66,34 @@ def tiny_overrides(tmp_path, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_metrics(run_dir):
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def resume_pair(make, tmp_path, at: int = 2):
+    """Train ``make(dir)`` uninterrupted, and again with a checkpoint at step ``at``, one more step lost
+    (the "kill") and ``trainer.resume=auto``.  ``make(dir, **overrides)`` returns a Trainer.
+    Returns ``(uninterrupted, resumed, metrics_uninterrupted, metrics_resumed)``."""
+    a = make(tmp_path / "a")
+    a.train()
+    b = make(tmp_path / "b")
+    for _ in range(at):
+        b.step()
+    b.save_checkpoint()
+    b.step()  # written to metrics.jsonl, then lost
+    del b
+    c = make(tmp_path / "b", **{"trainer.resume": "auto"})
+    assert c.step_idx == at
+    c.train()
+    return a, c, read_metrics(a.run_dir), read_metrics(c.run_dir)
+
+
+def assert_same_metrics(ma, mc, keys):
+    assert [r["step"] for r in mc] == [r["step"] for r in ma]
+    for k in keys:
+        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k

@@ -65,19 +65,13 @@ def test_tempo_d3s_schedule_in_process(tmp_path, echo_rows, variant):
 
 def test_schedule_survives_resume(tmp_path, echo_rows):
     over = ["algorithm.advantage=tempo"] + D3S
-    kw = {"trainer.total_steps": 4}
-    a = Trainer(load_config(tiny_overrides(tmp_path / "a", **kw) + over), train_rows=echo_rows)
-    a.train()
-    b = Trainer(load_config(tiny_overrides(tmp_path / "b", **kw) + over), train_rows=echo_rows)
-    b.step(); b.step()
-    b.save_checkpoint()
-    del b
-    c = Trainer(load_config(tiny_overrides(tmp_path / "b", **kw, **{"trainer.resume": "auto"}) + over), train_rows=echo_rows)
-    assert c.step_idx == 2
-    c.train()
-    ma, mc = read_metrics(a.run_dir), read_metrics(c.run_dir)
-    for k in ("d3s/keep", "d3s/kept_samples", "train/kept_token_frac", "reward/mean", "loss/policy"):
-        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+    from tests.conftest import assert_same_metrics, resume_pair
+
+    def make(d, **kw):
+        return Trainer(load_config(tiny_overrides(d, **{"trainer.total_steps": 4, **kw}) + over), train_rows=echo_rows)
+
+    _, _, ma, mc = resume_pair(make, tmp_path)
+    assert_same_metrics(ma, mc, ("d3s/keep", "d3s/kept_samples", "train/kept_token_frac", "reward/mean", "loss/policy"))
 
 
 # ------------------------------------------------------------- end to end

@@ -7,7 +7,7 @@ import pytest
 
 from rlkit.config import DataConfig, EvalConfig
 from rlkit.data import DataError, load_prompts, prepare_rows
-from rlkit.evaluation import evaluate_rows, pass_at_k, summarize
+from rlkit.evaluation import evaluate_rows, pass_at_k
 from rlkit.rollout.base import Completion
 from tests.conftest import REPO, shared_path
 

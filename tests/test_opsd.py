@@ -295,19 +295,10 @@ def test_trainer_resume_with_ema_teacher_matches_uninterrupted(tmp_path, echo_ro
         return Trainer(load_config(tiny_overrides(d, **{"trainer.total_steps": 4, "algorithm.advantage": "zero", **kw}) + [reg]),
                        train_rows=echo_rows)
 
-    a = make(tmp_path / "a")
-    a.train()
-    b = make(tmp_path / "b")
-    b.step(), b.step()
-    b.save_checkpoint()
-    b.step()  # lost
-    del b
-    c = make(tmp_path / "b", **{"trainer.resume": "auto"})
-    c.train()
-    ma = [json.loads(x) for x in open(os.path.join(a.run_dir, "metrics.jsonl"))]
-    mc = [json.loads(x) for x in open(os.path.join(c.run_dir, "metrics.jsonl"))]
-    for k in ("opsd/div/mean", "opsd/teacher_logp/mean", "loss/total", "grad_norm"):
-        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+    from tests.conftest import assert_same_metrics, resume_pair
+
+    _, _, ma, mc = resume_pair(make, tmp_path)
+    assert_same_metrics(ma, mc, ("opsd/div/mean", "opsd/teacher_logp/mean", "loss/total", "grad_norm"))
 
 
 def test_e2e_tiny_recipe(tmp_path, toy_model_dir):

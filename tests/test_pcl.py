@@ -165,20 +165,10 @@ def test_trainer_resume_matches_uninterrupted(tmp_path, echo_rows):
     def make(d, **kw):
         return Trainer(load_config(tiny_overrides(d, **{"trainer.total_steps": 4, **kw}) + [sel]), train_rows=echo_rows)
 
-    a = make(tmp_path / "a")
-    a.train()
-    b = make(tmp_path / "b")
-    b.step(), b.step()
-    b.save_checkpoint()
-    b.step()  # lost
-    del b
-    c = make(tmp_path / "b", **{"trainer.resume": "auto"})
-    assert c.step_idx == 2
-    c.train()
-    ma = [json.loads(x) for x in open(os.path.join(a.run_dir, "metrics.jsonl"))]
-    mc = [json.loads(x) for x in open(os.path.join(c.run_dir, "metrics.jsonl"))]
-    for k in ("reward/mean", "pcl/value_loss", "pcl/selected_pred", "pcl/pool_pred_mean", "loss/policy"):
-        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+    from tests.conftest import assert_same_metrics, resume_pair
+
+    a, c, ma, mc = resume_pair(make, tmp_path)
+    assert_same_metrics(ma, mc, ("reward/mean", "pcl/value_loss", "pcl/selected_pred", "pcl/pool_pred_mean", "loss/policy"))
     for p, q in zip(a.selector.vm.parameters(), c.selector.vm.parameters()):
         torch.testing.assert_close(p, q)
 

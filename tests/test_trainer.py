@@ -8,7 +8,7 @@ import torch
 from rlkit.config import load_config
 from rlkit.data import DataError
 from rlkit.trainer import Trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import assert_same_metrics, read_metrics, resume_pair, tiny_overrides
 
 REQUIRED_METRICS = [
     "reward/mean", "reward/echo", "accuracy", "advantage/mean", "advantage/std", "entropy/mean", "clipfrac/mean",
@@ -21,11 +21,6 @@ REQUIRED_METRICS = [
 def make(tmp_path, rows, *extra, **kw):
     cfg = load_config(tiny_overrides(tmp_path, **kw) + list(extra))
     return Trainer(cfg, train_rows=rows)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(l) for l in f]
 
 
 def test_step_logs_every_metric_and_completions(tmp_path, echo_rows):
@@ -43,24 +38,11 @@ def test_step_logs_every_metric_and_completions(tmp_path, echo_rows):
 
 
 def test_resume_matches_uninterrupted(tmp_path, echo_rows):
-    # uninterrupted: 4 steps
-    a = make(tmp_path / "a", echo_rows, **{"trainer.total_steps": 4})
-    a.train()
-    ma = read_metrics(a.run_dir)
-    # interrupted: checkpoint at step 2, one more step is lost (the "kill"), then resume=auto
-    b = make(tmp_path / "b", echo_rows, **{"trainer.total_steps": 4})
-    b.step(); b.step()
-    ck = b.save_checkpoint()
-    assert os.path.basename(ck) == "step_2" and not os.path.exists(ck + ".tmp")
-    b.step()  # written to metrics.jsonl, then lost
-    del b
-    c = make(tmp_path / "b", echo_rows, **{"trainer.total_steps": 4, "trainer.resume": "auto"})
-    assert c.step_idx == 2
-    c.train()
-    mc = read_metrics(c.run_dir)
+    a, c, ma, mc = resume_pair(lambda d, **kw: make(d, echo_rows, **{"trainer.total_steps": 4, **kw}), tmp_path)
+    ck = os.path.join(c.run_dir, "checkpoints", "step_2")
+    assert os.path.exists(os.path.join(ck, "rlkit.pt")) and not os.path.exists(ck + ".tmp")
     assert [r["step"] for r in mc] == [1, 2, 3, 4]
-    for k in ("reward/mean", "loss/policy", "grad_norm", "entropy/mean", "response_length/mean"):
-        assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+    assert_same_metrics(ma, mc, ("reward/mean", "loss/policy", "grad_norm", "entropy/mean", "response_length/mean"))
     # the final weights agree too
     for p, q in zip(a.policy.parameters(), c.policy.parameters()):
         torch.testing.assert_close(p, q)

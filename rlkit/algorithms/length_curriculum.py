@@ -23,7 +23,6 @@ also written into every training (and evaluation) prompt, re-tokenized when it c
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -152,16 +151,15 @@ class LengthBudgetController(Controller):
             self._prompted = self.budget
 
     def _rewrite_prompts(self, trainer: Any, rows: List[Dict[str, Any]]) -> None:
-        """Write the budget into each row's prompt and re-tokenize it (over-long prompts are kept, not dropped:
+        """Write the budget into each row's prompt and re-tokenize it (an over-long prompt is kept, not dropped:
         the selector indexes these rows)."""
-        from ..data import tokenize_rows
+        from ..data import encode_prompt
 
+        d = trainer.cfg.data
         originals = self._originals.setdefault(id(rows), [r["prompt"] for r in rows])
-        cfg = dataclasses.replace(trainer.cfg.data, max_prompt_tokens=2 ** 62)
-        texts = [self.params.prompt_template.format(prompt=o, budget=self.budget) for o in originals]
-        done = tokenize_rows([{"prompt": t} for t in texts], cfg, trainer.tokenizer)
-        for r, t, d in zip(rows, texts, done):
-            r["prompt"], r["prompt_ids"] = t, d["prompt_ids"]
+        for r, o in zip(rows, originals):
+            r["prompt"] = self.params.prompt_template.format(prompt=o, budget=self.budget)
+            r["prompt_ids"] = encode_prompt(trainer.tokenizer, r["prompt"], d.chat_template, d.system_prompt)
 
     def after_step(self, trainer: Any, metrics: Dict[str, float]) -> Dict[str, float]:
         out = {"length_budget/budget": float(self.budget)}

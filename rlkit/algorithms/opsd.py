@@ -246,16 +246,8 @@ class OPSD(Regularizer):
         self._pending_ema: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------ config helpers
-    def _cfg(self, *path, default=None):
-        obj = self.ctx.config
-        for p in path:
-            if obj is None:
-                return default
-            obj = getattr(obj, p, None)
-        return default if obj is None else obj
-
     def _chunk_size(self) -> int:
-        return int(self.params.chunk_size or self._cfg("trainer", "logprob_chunk_size", default=1024))
+        return int(self.params.chunk_size or self.config_value("trainer", "logprob_chunk_size", default=1024))
 
     # ------------------------------------------------------------ teacher prompts
     def teacher_prompt_ids(self, batch: Batch) -> List[List[int]]:
@@ -264,9 +256,9 @@ class OPSD(Regularizer):
         tok = self.ctx.tokenizer
         if tok is None:
             raise ValueError("opsd: no tokenizer in the plugin context")
-        chat = p.chat_template if p.chat_template is not None else bool(self._cfg("data", "chat_template", default=False))
-        system = p.system_prompt if p.system_prompt is not None else self._cfg("data", "system_prompt")
-        pf = self._cfg("data", "prompt_field", default="question")
+        chat = p.chat_template if p.chat_template is not None else bool(self.config_value("data", "chat_template", default=False))
+        system = p.system_prompt if p.system_prompt is not None else self.config_value("data", "system_prompt")
+        pf = self.config_value("data", "prompt_field", default="question")
         out = []
         for i in range(len(batch)):
             cols = {k: v[i] for k, v in batch.info.items()}
@@ -305,14 +297,14 @@ class OPSD(Regularizer):
             yield self._frozen
 
     def _load_initial(self, model):
-        path = self.params.teacher_path or self._cfg("model", "name_or_path")
+        path = self.params.teacher_path or self.config_value("model", "name_or_path")
         if path:
             from ..modeling import load_causal_lm
 
             dev = next(model.parameters()).device
             with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):  # keep the RNG streams
-                m = load_causal_lm(path, self._cfg("model", "dtype", default="float32"),
-                                   bool(self._cfg("model", "trust_remote_code", default=False)), self._cfg("model", "attn_implementation"))
+                m = load_causal_lm(path, self.config_value("model", "dtype", default="float32"),
+                                   bool(self.config_value("model", "trust_remote_code", default=False)), self.config_value("model", "attn_implementation"))
         else:  # no config (unit tests): the weights as they are at the first call = the initial policy
             m = copy.deepcopy(model)
         dev = next(model.parameters()).device

@@ -221,20 +221,13 @@ class PCLSelector(PromptSelector):
             if "prompt_ids" in r:
                 self._by_ids.setdefault(tuple(r["prompt_ids"]), i)
 
-    def _cfg(self, *path, default=None):
-        obj = self.ctx.config
-        for p in path:
-            if obj is None:
-                return default
-            obj = getattr(obj, p, None)
-        return default if obj is None else obj
 
     @property
     def device(self):
         return torch.device(self.ctx.device) if self.ctx.device is not None else torch.device("cpu")
 
     def _policy_path(self) -> str:
-        path = self._cfg("model", "name_or_path")
+        path = self.config_value("model", "name_or_path")
         if not path:
             raise ValueError("pcl: no model path: set algorithm.prompt_selector.model_path (or model.name_or_path)")
         return path
@@ -251,13 +244,13 @@ class PCLSelector(PromptSelector):
         with _private_rng(self.device, int(self.ctx.seed) + 7_777):
             if backbone is None:
                 path = own_path or self._policy_path()
-                dtype = p.dtype or self._cfg("model", "dtype", default="float32")
-                backbone = load_backbone(path, dtype, bool(self._cfg("model", "trust_remote_code", default=False)))
+                dtype = p.dtype or self.config_value("model", "dtype", default="float32")
+                backbone = load_backbone(path, dtype, bool(self.config_value("model", "trust_remote_code", default=False)))
             vm = PromptValueModel(backbone, p.head_hidden, p.output, p.pooling, init_value=p.tau)
         if tokenizer is not None:
             self._own_tokenizer = tokenizer
-        elif own_path and own_path != self._cfg("model", "name_or_path"):
-            self._own_tokenizer = load_tokenizer(own_path, bool(self._cfg("model", "trust_remote_code", default=False)))
+        elif own_path and own_path != self.config_value("model", "name_or_path"):
+            self._own_tokenizer = load_tokenizer(own_path, bool(self.config_value("model", "trust_remote_code", default=False)))
         vm.head.to(self.device, torch.float32)
         vm.backbone.to(self.device)
         if p.mode == "frozen_base":
@@ -266,7 +259,7 @@ class PCLSelector(PromptSelector):
         else:
             if p.gradient_checkpointing and hasattr(vm.backbone, "gradient_checkpointing_enable"):
                 vm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            lr = p.lr if p.lr is not None else float(self._cfg("trainer", "lr", default=1e-6))
+            lr = p.lr if p.lr is not None else float(self.config_value("trainer", "lr", default=1e-6))
             groups = [{"params": [q for q in vm.backbone.parameters() if q.requires_grad], "lr": lr},
                       {"params": list(vm.head.parameters()), "lr": p.head_lr}]
         vm.eval()  # train mode only inside `update` (separate mode)
@@ -299,13 +292,13 @@ class PCLSelector(PromptSelector):
         if ids is None:
             row = self.dataset[i]
             if self._own_tokenizer is not None:
-                ids = encode_prompt(self._own_tokenizer, str(row["prompt"]), bool(self._cfg("data", "chat_template", default=False)),
-                                    self._cfg("data", "system_prompt"))
+                ids = encode_prompt(self._own_tokenizer, str(row["prompt"]), bool(self.config_value("data", "chat_template", default=False)),
+                                    self.config_value("data", "system_prompt"))
             elif "prompt_ids" in row:
                 ids = list(row["prompt_ids"])
             else:
-                ids = encode_prompt(self.ctx.tokenizer, str(row["prompt"]), bool(self._cfg("data", "chat_template", default=False)),
-                                    self._cfg("data", "system_prompt"))
+                ids = encode_prompt(self.ctx.tokenizer, str(row["prompt"]), bool(self.config_value("data", "chat_template", default=False)),
+                                    self.config_value("data", "system_prompt"))
             self._ids_cache[i] = ids
         return ids
 
