@@ -43,9 +43,15 @@ TEXT_LIMIT = 2000          # characters of a prompt / completion shown in the HT
 
 # ------------------------------------------------------------------ reading
 def read_metrics(run_dir: str) -> List[Dict[str, float]]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every step's metrics; a line still being written by a live run is skipped."""
+    rows = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
 def run_labels(run_dirs: Sequence[str]) -> List[str]:
@@ -294,9 +300,10 @@ def completions_section(run_dir: str, steps: Sequence[int], seed: int = 0) -> st
             r = picked[s].get(kind)
             if r is None:
                 continue
-            out.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in (
-                kind, r.get("reward"), r.get("advantage"), r.get("length"), r.get("finish_reason"), r.get("answer")))
-                       + f"<td><pre>{esc(_clip(r.get('prompt')))}</pre></td><td><pre>{esc(_clip(r.get('completion')))}</pre></td></tr>")
+            cells = [kind, r.get("reward"), r.get("advantage"), r.get("length"), r.get("finish_reason"), r.get("answer")]
+            texts = [_clip(r.get("prompt")), _clip(r.get("completion"))]
+            out.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in cells)
+                       + "".join(f"<td><pre>{esc(t)}</pre></td>" for t in texts) + "</tr>")
         out.append("</table>")
     return "".join(out)
 
@@ -325,8 +332,9 @@ def write_report(run_dirs: Sequence[str], out_dir: str, completion_steps: int = 
     plots = plot_panels(runs, out_dir)
     single = len(run_dirs) == 1
     title = f"rlkit report: {labels[0]}" if single else "rlkit comparison: " + " vs ".join(labels)
+    sources = ", ".join(esc(os.path.abspath(d)) for d in run_dirs)
     body = [f"<h1>{esc(title)}</h1>",
-            f"<p>Generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} from {', '.join(esc(os.path.abspath(d)) for d in run_dirs)}</p>",
+            f"<p>Generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} from {sources}</p>",
             "<nav><a href='#summary'>Summary</a><a href='#plots'>Plots</a><a href='#eval'>Evaluation</a>"
             "<a href='#completions'>Completions</a><a href='#config'>Config</a></nav>"]
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from rlkit.report import main, pick_steps, run_labels, sample_completions, write_report
+from rlkit.report import main, pick_steps, read_metrics, run_labels, sample_completions, write_report
 
 EVIL = "<script>alert('x')</script>"
 
@@ -97,6 +97,9 @@ def test_pick_steps_and_streaming_samples(tmp_path):
     picks = {sample_completions(path, [5], seed=s)[5]["random"]["completion"] for s in range(30)}
     assert len(picks) > 1                                        # ... that do vary with the seed
     assert sample_completions(str(tmp_path / "missing.jsonl"), [1]) == {}
+    with open(run / "metrics.jsonl", "a") as f:           # a live run's half-written last line is skipped
+        f.write('{"step": 7, "reward/me')
+    assert [r["step"] for r in read_metrics(str(run))] == [1, 2, 3, 4, 5, 6]
 
 
 def test_report_of_a_real_tiny_run(tmp_path, echo_rows):

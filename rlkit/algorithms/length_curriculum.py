@@ -157,9 +157,14 @@ class LengthBudgetController(Controller):
 
         d = trainer.cfg.data
         originals = self._originals.setdefault(id(rows), [r["prompt"] for r in rows])
+        over = 0
         for r, o in zip(rows, originals):
             r["prompt"] = self.params.prompt_template.format(prompt=o, budget=self.budget)
             r["prompt_ids"] = encode_prompt(trainer.tokenizer, r["prompt"], d.chat_template, d.system_prompt)
+            over += len(r["prompt_ids"]) > d.max_prompt_tokens
+        if over:
+            log.warning("length_budget: %d prompts are longer than data.max_prompt_tokens=%d with the budget "
+                        "instruction (kept)", over, d.max_prompt_tokens)
 
     def after_step(self, trainer: Any, metrics: Dict[str, float]) -> Dict[str, float]:
         out = {"length_budget/budget": float(self.budget)}
