@@ -24,7 +24,8 @@ def main(argv=None) -> None:
         print("  plugins                 list every registered plugin by hook")
         print("  train recipe=... k=v    train (same as launch/train.py; use accelerate launch for several processes)")
         print("  eval model=DIR k=v      evaluate a model directory")
-        print("  report RUN_DIR [...]    plots (PNG) and a terminal reward curve from metrics.jsonl")
+        print("  report RUN [RUN ...] [--out DIR]  one HTML page (plots, config, eval table, sample completions);")
+        print("                          several runs are overlaid for comparison")
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "plugins":

@@ -24,11 +24,11 @@ def train_main(argv: Optional[List[str]] = None):
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     metrics = trainer.train()
     if trainer.acc.is_main_process:
-        from .report import ascii_curve, plot_runs, read_metrics
+        from .report import ascii_curve, read_metrics, write_report
 
         rows = read_metrics(trainer.run_dir)
         print(ascii_curve([r.get("reward/mean") for r in rows]))
-        paths = plot_runs([trainer.run_dir], f"{trainer.run_dir}/report")
-        print(f"run directory: {trainer.run_dir}  (plots: {trainer.run_dir}/report/, metrics: metrics.jsonl, "
-              f"completions: completions.jsonl; {len(paths)} plots written)")
+        out = write_report([trainer.run_dir], f"{trainer.run_dir}/report")
+        print(f"run directory: {trainer.run_dir}  (report: {out['html']}, {len(out['plots'])} plots; "
+              f"metrics.jsonl, completions.jsonl, config.yaml)")
     return trainer, metrics

@@ -40,9 +40,6 @@ def test_greedy_is_deterministic(engine_and_rows):
     assert summarize(a) == summarize(b)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="HFEngine passes num_return_sequences=n with do_sample=False; transformers rejects greedy n > 1 "
-                          "(eval.samples_per_prompt > 1 at eval.temperature 0 fails).  Remove this marker when fixed.")
 def test_greedy_with_several_samples_per_prompt(engine_and_rows):
     engine, rows = engine_and_rows
     a = run(engine, rows, temperature=0.0, n=2)

@@ -86,6 +86,8 @@ class HFEngine(RolloutEngine):
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> List[List[Completion]]:
         from transformers import LogitsProcessorList
 
+        if sampling.greedy and n > 1:  # every greedy sample is the same: decode once, copy (HF rejects greedy n > 1)
+            return [[row[0]] * n for row in self.generate(prompt_ids, 1, sampling)]
         model = self.model
         was_training = model.training
         model.eval()
