@@ -258,3 +258,34 @@ def test_cpu_head_size_checked_at_construction(toy_model_dir):
     lm = AutoModelForCausalLM.from_pretrained(toy_model_dir)   # toy:tiny: head size 16
     with pytest.raises(PluginError, match="head size is 16"):
         VLLMEngine(lm, AutoTokenizer.from_pretrained(toy_model_dir), None, model_path=toy_model_dir)
+
+
+@needs_vllm
+def test_spo_chain_prefix_continuations_on_vllm(model_dir, tmp_path):
+    """SPO's Monte Carlo values come from prefix continuations through the vLLM engine's token-id prompts."""
+    _import_vllm_or_skip()
+    from rlkit.config import load_config
+    from rlkit.toy import echo_rows
+    from rlkit.trainer import Trainer
+
+    cfg = load_config([f"recipe={REPO}/recipes/spo_chain_gsm8k.yaml", "profile=tiny", f"model.name_or_path={model_dir}",
+                       "rollout.engine=vllm", f"rollout.engine_args={ENGINE_ARGS}", f"trainer.output_dir={tmp_path}",
+                       "trainer.total_steps=2", "trainer.prompts_per_step=4", "trainer.progress_bar=false",
+                       "trainer.save_final=false", f"reward.functions=[{{name: {REPO}/rewards/toy.py:echo, k: 4}}]"])
+    tr = Trainer(cfg, train_rows=echo_rows(64, seed=0))
+    try:
+        calls = []
+        orig = tr.engine.generate
+
+        def spy(prompt_ids, n, sampling):
+            calls.append([len(p) for p in prompt_ids])
+            return orig(prompt_ids, n, sampling)
+
+        tr.engine.generate = spy
+        m = tr.step()
+    finally:
+        tr.engine.close()
+    assert len(calls) == 2                                   # the group, then every boundary prefix at once
+    prompt_lens = {len(r["prompt_ids"]) for r in tr.train_rows}
+    assert any(L not in prompt_lens for L in calls[1])       # continuations start inside responses
+    assert m["spo/extra_generated_tokens"] > 0 and m["logprob_gap/mean"] < 1e-4
