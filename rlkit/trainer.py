@@ -192,6 +192,7 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         self._deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        log.info("distributed: %s, %d process(es), device %s", self.acc.distributed_type, self.world, self.acc.device)
         self.unwrapped_lm = self.acc.unwrap_model(self.policy).lm
 
     # ----------------------------------------------------------------- resume
@@ -756,7 +757,8 @@ def _cpu_distributed() -> bool:
     """Several processes but no GPU (``accelerate launch --multi_gpu`` / ``torchrun`` on a CPU machine):
     ask accelerate for its MULTI_CPU mode, which joins the processes with gloo.  ``accelerate launch --cpu``
     alone starts one process (it needs an MPI hostfile for more)."""
-    return os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
+    return (os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
 
 
 def parts_empty(pad_id: int) -> Batch:
