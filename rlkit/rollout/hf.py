@@ -79,6 +79,15 @@ class HFEngine(RolloutEngine):
             ids.update(src if isinstance(src, (list, tuple)) else [src])
         return sorted(ids)
 
+    @staticmethod
+    def _zero3_sharded(model) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        p = next(model.parameters(), None)
+        return p is not None and hasattr(p, "ds_id")
+
     def sync_weights(self, model) -> None:
         self.model = model
 
@@ -116,6 +125,8 @@ class HFEngine(RolloutEngine):
                 )
                 if sampling.stop:
                     gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+                if self._zero3_sharded(model):  # every rank keeps stepping until all are done (parameter gathers)
+                    gen_kwargs["synced_gpus"] = True
                 if not sampling.greedy and sampling.seed is not None:
                     torch.manual_seed(sampling.seed + start)
                 out = model.generate(**gen_kwargs)
