@@ -82,7 +82,11 @@ class Trainer:
         self._build_plugins()
         self.run_dir = self._run_dir()
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+        try:
+            self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:  # a missing directory, an unknown hub id, no network
+            raise ConfigError(f"{key}={cfg.model.tokenizer or cfg.model.name_or_path!r}: cannot load the tokenizer: {e}") from None
         self.pctx.tokenizer = self.tokenizer
         self.pad_id = self.tokenizer.pad_token_id
         from .data import tokenize_rows

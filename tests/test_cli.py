@@ -33,3 +33,11 @@ def test_bad_config_fails_before_model_load():
     assert p.returncode != 0
     assert "algorithm.advantage" in p.stderr and "Did you mean: grpo" in p.stderr
     assert "Loading weights" not in p.stderr
+
+
+def test_missing_model_names_the_key(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), f"recipe={REPO}/recipes/quickstart.yaml",
+                        f"model.name_or_path={tmp_path}/no-such-model", f"trainer.output_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode != 0
+    assert "model.name_or_path" in p.stderr and "no-such-model" in p.stderr and "Traceback" not in p.stderr
