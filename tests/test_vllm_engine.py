@@ -221,12 +221,12 @@ def test_skipped_sync_is_caught_by_gap_check(trainer):
 
 @needs_vllm
 def test_grpo_end_to_end_under_accelerate(model_dir, tmp_path):
-    # One process: accelerate's --cpu launcher starts a single process whatever --num_processes says (it needs an
-    # mpirun hostfile for more).  Two ranks with one vLLM engine each (external_launcher executor, gloo) were run
-    # by hand under torchrun; see docs/vllm.md.
+    # Two ranks, one colocated vLLM engine each.  accelerate's --cpu launcher starts a single process whatever
+    # --num_processes says (it needs an mpirun hostfile for more), so this uses accelerate's torchrun launcher;
+    # rlkit sees no GPU and joins the ranks with gloo (launch/accelerate_cpu.yaml).
     _import_vllm_or_skip()
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "launch" / "train.py"), f"recipe={REPO}/recipes/quickstart.yaml", "rollout.engine=vllm",
            f"rollout.engine_args={ENGINE_ARGS}", f"model.name_or_path={model_dir}",
@@ -237,7 +237,7 @@ def test_grpo_end_to_end_under_accelerate(model_dir, tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     m = [json.loads(l) for l in open(tmp_path / "e2e" / "metrics.jsonl")]
-    assert [r["step"] for r in m] == list(range(1, 13))
+    assert [r["step"] for r in m] == list(range(1, 13)) and all(x["world_size"] == 2 for x in m)
     r = [x["reward/mean"] for x in m]
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.02, r
     assert all(x["logprob_gap/mean"] < 1e-4 for x in m), [x["logprob_gap/mean"] for x in m]
