@@ -114,3 +114,13 @@ def test_dapo_refill_and_gap_check(tmp_path, echo_rows):
         tr.cfg.trainer.ppo_epochs = 2
         tr.score_pass = True
         tr.step()
+
+
+def test_wandb_offline_and_tensorboard(tmp_path, echo_rows, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    tr = make(tmp_path, echo_rows, **{"trainer.total_steps": 1, "trainer.wandb": "true", "trainer.tensorboard": "true"})
+    tr.train()
+    assert any(p.startswith("offline-run") for p in os.listdir(os.path.join(tr.run_dir, "wandb")))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(tr.run_dir, "tb")))
