@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from rlkit.algorithms.spo import (EXTRA_EDGE_ADV, EXTRA_PROMPT_VALUE, EXTRA_TERMINAL, EXTRA_VALUES, OnPolicyReplayBuffer,
-                                  SPOChainAdvantage, SPOChainRollout, SPOProbMask, SPOTreeAdvantage, SPOTreeRollout, TreeNode,
-                                  chain_boundaries, chain_token_advantages, compute_tree_values, prob_mask_advantages,
-                                  tree_edge_advantages)
+from rlkit.algorithms.spo import (EXTRA_EDGE_ADV, EXTRA_PROMPT_VALUE, EXTRA_TERMINAL, EXTRA_VALUES, SPOProbMask,
+                                  prob_mask_advantages)
+from rlkit.algorithms.spo_chain import SPOChainAdvantage, SPOChainRollout, chain_boundaries, chain_token_advantages
+from rlkit.algorithms.spo_tree import (OnPolicyReplayBuffer, SPOTreeAdvantage, SPOTreeRollout, TreeNode, compute_tree_values,
+                                       tree_edge_advantages)
 from rlkit.batch import Batch
 from rlkit.plugins import RolloutContext
 from rlkit.rewarding import RewardResult
