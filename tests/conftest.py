@@ -97,3 +97,19 @@ def assert_same_metrics(ma, mc, keys):
     assert [r["step"] for r in mc] == [r["step"] for r in ma]
     for k in keys:
         assert [r[k] for r in mc] == pytest.approx([r[k] for r in ma], rel=1e-5, abs=1e-7), k
+
+
+def launch_recipe(recipe: str, tmp_path, *extra: str, timeout: int = 600):
+    """Run a recipe's ``tiny`` profile the way users launch it
+    (``python launch/train.py recipe=recipes/<recipe>.yaml profile=tiny ...``) and return
+    ``(metrics rows, run directory)``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), f"recipe=recipes/{recipe}.yaml", "profile=tiny",
+           f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", *extra]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run = next(d for d in Path(tmp_path).iterdir() if (d / "metrics.jsonl").exists())
+    return read_metrics(run), run

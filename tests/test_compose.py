@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -11,7 +9,7 @@ from rlkit.algorithms.d3s import D3SSamples, D3STokens
 from rlkit.config import load_config
 from rlkit.registry import CONTROLLERS, FILTERS, ROLLOUT_STRATEGIES
 from rlkit.trainer import Trainer
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import launch_recipe, tiny_overrides
 
 D3S = ["algorithm.filters=[{name: d3s_samples, keep: 0.5}]",
        "algorithm.token_weighting=[{name: d3s_tokens, top_frac: 0.2}]",
@@ -77,12 +75,7 @@ def test_schedule_survives_resume(tmp_path, echo_rows):
 # ------------------------------------------------------------- end to end
 @pytest.mark.parametrize("recipe", ["grpo_tempo", "grpo_d3s", "grpo_tempo_d3s"])
 def test_recipe_tiny_profile_reward_rises(tmp_path, recipe, toy_model_dir):
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "launch/train.py", f"recipe=recipes/{recipe}.yaml", "profile=tiny",
-           f"trainer.output_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    m = read_metrics(tmp_path / f"{recipe}_tiny")
+    m, _ = launch_recipe(recipe, tmp_path, timeout=900)
     assert [r["step"] for r in m] == list(range(1, 21))
     check_finite(m)
     r = [x["reward/mean"] for x in m]

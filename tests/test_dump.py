@@ -1,8 +1,6 @@
 """DUMP prompt selector (rlkit/algorithms/dump.py): UCB math, windows, sampling, determinism, resume, ranks."""
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 from rlkit.algorithms.dump import DUMPSelector, per_response_advantage, softmax_weights, ucb_scores
 from rlkit.batch import Batch
 from rlkit.plugins import PluginContext
-from tests.conftest import REPO
+from tests.conftest import launch_recipe
 
 
 def make(rows, seed=0, world_size=1, rank=0, **params):
@@ -157,12 +155,7 @@ def test_trainer_resume_restores_the_curriculum(tmp_path):
 
 def test_tiny_recipe_end_to_end(tmp_path):
     """As users launch it: python launch/train.py recipe=recipes/dump_math.yaml profile=tiny."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "launch/train.py", "recipe=recipes/dump_math.yaml", "profile=tiny",
-                        f"trainer.output_dir={tmp_path}", "trainer.save_final=false"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    m = [json.loads(line) for line in open(tmp_path / "dump_math_tiny" / "metrics.jsonl")]
+    m, _ = launch_recipe("dump_math", tmp_path, "trainer.save_final=false")
     assert [r["step"] for r in m] == list(range(1, 13))
     for r in m:
         w = [r[f"dump/weight/{s}"] for s in ("short", "medium", "long")]

@@ -1,8 +1,4 @@
 """EFRame: exploration round, filter, pending buffer, replay, log-prob temperature, trainer hooks, e2e."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from rlkit.objectives.grpo import GRPO
 from rlkit.plugins import PluginContext, RolloutContext
 from rlkit.rewarding import Rewarder
 from rlkit.rollout.base import Completion, SamplingParams
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import launch_recipe, tiny_overrides
 
 A_POS, A_NEG = 1.095443, -0.730295          # spec 1.6: group [1,1,0,0,0]
 EX_POS, EX_NEG = 2.320195, -0.409446        # spec 1.6: 3 of 20 correct
@@ -299,13 +295,7 @@ def test_trainer_rescores_filter_output(tmp_path, echo_rows, monkeypatch):
 
 # -------------------------------------------------------------- e2e
 def _launch(recipe, tmp_path, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", RLKIT_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), f"recipe=recipes/{recipe}.yaml", "profile=tiny",
-           f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", *extra]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    run = next(d for d in tmp_path.iterdir() if (d / "metrics.jsonl").exists())
-    return [json.loads(line) for line in open(run / "metrics.jsonl")], run
+    return launch_recipe(recipe, tmp_path, *extra)
 
 
 def mean(xs):

@@ -1,6 +1,5 @@
 """Length-budget curriculum ("Train Long, Think Short"): the triangular reward, the schedules, the controller."""
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from rlkit.builtin_rewards.length_budget import length_budget, triangular_length
 from rlkit.config import ConfigError, DataConfig, load_config
 from rlkit.plugins import PluginContext
 from rlkit.rewarding import Rewarder, validate_reward_specs
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_recipe
 
 
 def ids(*lengths):
@@ -108,19 +107,14 @@ def test_controller_binds_the_budget_and_rewrites_prompts(toy_model_dir):
 
 def test_tiny_recipe_end_to_end_and_report(tmp_path):
     """As users launch it, then `python -m rlkit report` on the run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "launch/train.py", "recipe=recipes/length_curriculum_gsm8k.yaml", "profile=tiny",
-                        f"trainer.output_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    run = tmp_path / "length_curriculum_tiny"
-    m = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    m, run = launch_recipe("length_curriculum_gsm8k", tmp_path)
     assert [r["length_budget/budget"] for r in m] == [8, 8, 8, 5, 5, 5, 3, 3, 3, 2, 2, 2]   # int(8 * 0.7 ** (t // 3))
     assert all("reward/length_budget" in r and "length_budget/length_over_budget" in r for r in m)
     comps = [json.loads(line) for line in open(run / "completions.jsonl")]
     assert {c["prompt"].rsplit(" use ", 1)[1] for c in comps if c["step"] == 12} == {"2."}   # budget in the prompt
     short = [c for c in comps if c["step"] == 12 and c["length"] <= 2]
     assert all(c["reward/length_budget"] == pytest.approx(c["length"] / 2) for c in short)
-    p = subprocess.run([sys.executable, "-m", "rlkit", "report", str(run)], cwd=REPO, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "rlkit", "report", str(run)], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     page = (run / "report" / "index.html").read_text()

@@ -1,16 +1,12 @@
 """MM-UPT majority-vote reward: spec B 3.6 worked example, ties, missing answers, vote share,
 pseudo-label accuracy logging, pluggable extractors, and an end-to-end tiny run."""
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rlkit.algorithms.mmupt import majority_vote, resolve_extractor, vote
-from tests.conftest import REPO
+from tests.conftest import launch_recipe
 
 SPEC = ["3", "3", "4", "3", "None", "4", "3", "5", "3", "4"]
 
@@ -113,11 +109,7 @@ def test_rewarder_logs_label_accuracy_and_validates_params():
 
 
 def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "launch/train.py", "recipe=recipes/mmupt.yaml", "profile=tiny", f"trainer.output_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    m = [json.loads(x) for x in open(tmp_path / "mmupt_tiny" / "metrics.jsonl")]
+    m, _ = launch_recipe("mmupt", tmp_path)
     assert len(m) == 16
     for k in ("reward/majority_vote", "reward/majority_vote/label_acc", "reward/majority_vote/vote_share", "accuracy"):
         assert all(k in r for r in m), k

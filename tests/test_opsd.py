@@ -5,8 +5,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from rlkit.algorithms.opsd import (OPSD, ZeroAdvantage, chunked_divergence, dive
                                    sampled_token_loss)
 from rlkit.batch import Batch
 from rlkit.plugins import ForwardOutput, LossInputs, PluginContext
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import launch_recipe, tiny_overrides
 
 S_ = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
 Q_ = torch.tensor([[0.2, 0.7, 0.1]], dtype=torch.float64)
@@ -302,11 +300,7 @@ def test_trainer_resume_with_ema_teacher_matches_uninterrupted(tmp_path, echo_ro
 
 
 def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "launch/train.py", "recipe=recipes/opsd.yaml", "profile=tiny", f"trainer.output_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    m = [json.loads(x) for x in open(tmp_path / "opsd_tiny" / "metrics.jsonl")]
+    m, _ = launch_recipe("opsd", tmp_path)
     assert len(m) == 16
     for k in ("opsd/div/mean", "opsd/loss/mean", "opsd/clip_frac/mean", "opsd/teacher_logp/mean", "loss/reg0_opsd"):
         assert all(k in r and math.isfinite(r[k]) for r in m), k

@@ -1,9 +1,5 @@
 """PCL prompt selector: spec A 4.5 worked example, value-model update, distributed merge,
 resume, and an end-to-end tiny run launched the way users launch."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +7,7 @@ import torch
 from rlkit.algorithms.pcl import PCLSelector, explained_variance, select_closest, value_loss
 from rlkit.batch import Batch
 from rlkit.plugins import PluginContext
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import launch_recipe, tiny_overrides
 
 V = [0.10, 0.45, 0.90, 0.55, 0.30, 0.50, 0.00, 0.62]
 
@@ -174,11 +170,7 @@ def test_trainer_resume_matches_uninterrupted(tmp_path, echo_rows):
 
 
 def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "launch/train.py", "recipe=recipes/grpo_pcl.yaml", "profile=tiny", f"trainer.output_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    m = [json.loads(x) for x in open(tmp_path / "grpo_pcl_tiny" / "metrics.jsonl")]
+    m, _ = launch_recipe("grpo_pcl", tmp_path)
     assert len(m) == 24
     for k in ("pcl/explained_variance", "pcl/value_loss", "pcl/selected_pred", "pcl/selected_empirical",
               "pcl/pool_pred_mean", "pcl/selected_dist_to_tau"):

@@ -1,9 +1,6 @@
 """SPO (arXiv 2505.23564): spec worked examples, MC batching, tree building, replay buffer, end to end."""
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from rlkit.batch import Batch
 from rlkit.plugins import RolloutContext
 from rlkit.rewarding import RewardResult
 from rlkit.rollout.base import Completion, SamplingParams
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import launch_recipe, tiny_overrides
 
 P_SPEC = [0.95, 0.5, 0.99, 0.8, 0.97, 0.6, 0.98, 0.7, 0.99, 0.95]
 A_PRE = [0, 0.2, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4]
@@ -403,12 +400,7 @@ def test_tree_tiny_trainer_edges_and_checkpointed_buffer(tmp_path, echo_rows):
 
 def test_spo_chain_recipe_tiny_reward_rises(tmp_path, toy_model_dir):
     """Launched the way users launch: python launch/train.py recipe=... profile=tiny."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "recipe=recipes/spo_chain_gsm8k.yaml", "profile=tiny",
-           f"trainer.output_dir={tmp_path}"]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    m = [json.loads(l) for l in open(tmp_path / "spo_chain_tiny" / "metrics.jsonl")]
+    m, _ = launch_recipe("spo_chain_gsm8k", tmp_path)
     r = [x["reward/mean"] for x in m]
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
     assert last > first + 0.1, r
