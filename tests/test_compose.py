@@ -29,8 +29,7 @@ def check_finite(rows):
 
 def _uec_overrides():
     """The UEC entropy-band controller (docs/methods/uec.md) drives EFRame's exploration and replay."""
-    if "uec" not in CONTROLLERS or "eframe_filter" not in FILTERS or "eframe" not in ROLLOUT_STRATEGIES:
-        pytest.skip("uec controller not registered")
+    assert "uec" in CONTROLLERS and "eframe_filter" in FILTERS and "eframe" in ROLLOUT_STRATEGIES
     return ["rollout.strategy={name: eframe, explore_samples: 4}",
             "algorithm.filters=[{name: eframe_filter}, {name: d3s_samples, keep: 0.5}]",
             "algorithm.token_weighting=[{name: d3s_tokens, top_frac: 0.2}]",
@@ -81,3 +80,15 @@ def test_recipe_tiny_profile_reward_rises(tmp_path, recipe, toy_model_dir):
     r = [x["reward/mean"] for x in m]
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
     assert last > first + 0.04 and last > 2 * first, r
+
+
+def test_tempo_d3s_uec_recipe_tiny(tmp_path, toy_model_dir):
+    """TEMPO + D³S + UEC in one recipe, launched as users launch it."""
+    m, run = launch_recipe("tempo_d3s_uec", tmp_path)
+    assert [r["step"] for r in m] == list(range(1, 31))
+    cfg = (run / "config.yaml").read_text()
+    assert "advantage: tempo" in cfg and "d3s_samples" in cfg and "name: uec" in cfg
+    for k in ("uec/entropy_before_update", "d3s/keep", "eframe/main_reward_mean", "advantage/mean"):
+        assert any(k in r for r in m), k
+    r = [x["eframe/main_reward_mean"] for x in m if x.get("eframe/main_reward_mean") is not None]
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4, r
