@@ -21,7 +21,6 @@ _BUILTIN_MODULES = [
     "rlkit.objectives",      # advantages, losses, aggregation, kl, regularizers, filters, token weighting
     "rlkit.rollout",         # engines and rollout strategies
     "rlkit.selectors",       # prompt selectors
-    "rlkit.controllers",     # controllers
     "rlkit.rewarding",       # built-in reward names
     "rlkit.algorithms",      # research methods (TEMPO, SPO, D3S, EFRame, UEC, PCL, MM-UPT, OPSD, ...)
 ]
