@@ -124,3 +124,31 @@ def test_wandb_offline_and_tensorboard(tmp_path, echo_rows, monkeypatch):
     tr.train()
     assert any(p.startswith("offline-run") for p in os.listdir(os.path.join(tr.run_dir, "wandb")))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(tr.run_dir, "tb")))
+
+
+def test_truncated_importance_sampling_weights(tmp_path, echo_rows):
+    """algorithm.tis_cap: the loss gets min(exp(trainer - rollout log-prob), cap) per token (TIS)."""
+    tr = make(tmp_path, echo_rows, "algorithm.tis_cap=2.0", "rollout.max_logprob_gap_error=5.0", **{"trainer.total_steps": 1})
+    strategy, seen = tr.strategy, {}
+
+    def shifted(rows, rctx):  # the engine reports log-probs 1.0 below the trainer's at even positions
+        b = strategy(rows, rctx)
+        even = (torch.arange(b.response_ids.shape[1]) % 2 == 0).float()
+        b.rollout_logprobs = b.rollout_logprobs - even[None, :] * b.response_mask
+        return b
+
+    loss_fn = tr.policy_loss
+
+    def spy(inp):
+        seen["w"], seen["mask"] = inp.rollout_is_weights.detach(), inp.mask.detach()
+        return loss_fn(inp)
+
+    shifted.metrics = strategy.metrics
+    tr.strategy, tr.policy_loss = shifted, spy
+    tr.step()
+    w, m = seen["w"], seen["mask"] > 0
+    even = (torch.arange(w.shape[1]) % 2 == 0)[None, :] & m
+    odd = (torch.arange(w.shape[1]) % 2 == 1)[None, :] & m
+    torch.testing.assert_close(w[even], torch.full_like(w[even], 2.0))          # exp(1) = 2.718, capped at 2
+    torch.testing.assert_close(w[odd], torch.ones_like(w[odd]), atol=1e-4, rtol=0)
+    assert (w[~m] == 0).all()
