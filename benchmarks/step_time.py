@@ -115,7 +115,7 @@ class RlkitRunner:
             "trainer.output_dir": workdir,
             "trainer.run_name": "bench",
             "trainer.progress_bar": False,
-            "trainer.tensorboard": False,
+            "trainer.log_with": [],
             "trainer.log_completions": False,
             "trainer.save_final": False,
         }

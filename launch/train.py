@@ -3,6 +3,8 @@
     accelerate launch launch/train.py recipe=recipes/grpo_gsm8k.yaml trainer.lr=1e-6
     accelerate launch --config_file launch/deepspeed_zero2.yaml launch/train.py recipe=...
     python launch/train.py recipe=recipes/quickstart.yaml          # one CPU process
+    python launch/train.py recipe=recipes/grpo_math.yaml profile=tiny --print-config   # resolved config, no run
+    python launch/train.py --help
 """
 import os
 import sys

@@ -28,7 +28,7 @@ Extractors: ``boxed`` (last ``\\boxed{}``), ``gsm8k`` (strict ``#### N``), ``las
 ``text`` (the stripped completion), or ``"package.module:fn"`` / ``"path/to/file.py:fn"``
 for any ``fn(text) -> str | None``.
 
-Logged sub-scores (``reward/majority_vote/<key>``; they never enter the reward):
+Logged sub-scores (``reward/majority_vote/<key>/mean`` and ``/std``; they never enter the reward):
 
 * ``label_acc``: 1 when the group's pseudo-label equals the ground truth ``answer`` column
   (NaN when the dataset has none, or the group got no label), per sample, so its mean is

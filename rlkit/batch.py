@@ -66,7 +66,13 @@ class Batch:
 
     @property
     def response_lengths(self) -> Tensor:
-        return self.response_mask.sum(-1).long()
+        """Index of the last real token + 1 (0 for an empty row).  Equals ``mask.sum`` for a prefix mask; a
+        multi-turn row has masked holes (observation tokens) inside its response, which this length includes."""
+        m = self.response_mask > 0
+        if m.shape[1] == 0:
+            return torch.zeros(m.shape[0], dtype=torch.long)
+        pos = torch.arange(1, m.shape[1] + 1, device=m.device).expand_as(m)
+        return torch.where(m, pos, torch.zeros_like(pos)).max(-1).values.long()
 
     def group_index(self) -> Dict[int, List[int]]:
         """group id -> row indices (in row order)."""

@@ -2,10 +2,11 @@
 
 math-verify's own timeouts use ``signal.alarm``, which only works in a process's
 main thread, and a pathological expression can keep sympy busy for minutes.  So
-every check runs in a spawn-context :class:`~concurrent.futures.ProcessPoolExecutor`
-(created lazily, ``min(2, cpu_count)`` workers by default).  When a check exceeds
-its timeout, the pool's workers are killed and a fresh pool is created, so a stuck
-worker never hangs the caller; the check returns ``None``.
+every check runs in a spawn-context :class:`pebble.ProcessPool` (created lazily,
+``min(2, cpu_count)`` workers by default; the same library as the user-reward pool,
+:mod:`rlkit.reward_pool`).  Each check is scheduled with its own timeout, counted from
+when a worker takes it; pebble kills a worker whose check runs past it and starts a
+replacement, so a stuck worker never hangs the caller; that check returns ``None``.
 
     math_equal("\\\\frac{1}{2}", "0.5")             # True
     math_equal_many([("2", "\\\\boxed{3}")])         # [False]
@@ -15,7 +16,7 @@ the prediction is parsed with LaTeX + expression extraction (as verl and TRL do)
 
 Workers are cheap: they import only this module and math-verify (not torch, not the
 caller's ``__main__``, so an unguarded training script is not re-run in them), and
-they are started before the first check so start-up never counts against a timeout.
+start-up never counts against a timeout (pebble's clock starts when a worker takes the check).
 The pool is shut down at exit (``shutdown()``); ``configure(max_workers=...)`` resizes it.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ import atexit
 import concurrent.futures as cf
 import contextlib
 import logging
-import multiprocessing
 import os
 import sys
 import threading
@@ -36,9 +36,9 @@ DEFAULT_TIMEOUT_S = 10.0
 STARTUP_TIMEOUT_S = 120.0  # spawning a worker and importing sympy is not charged to a check's timeout
 
 _lock = threading.RLock()
-_pool: Optional[cf.ProcessPoolExecutor] = None
+_pool = None   # pebble.ProcessPool
 _max_workers: Optional[int] = None
-stats: Dict[str, int] = {"calls": 0, "timeouts": 0, "errors": 0, "pool_restarts": 0}
+stats: Dict[str, int] = {"calls": 0, "timeouts": 0, "errors": 0, "pool_restarts": 0}  # pool_restarts: workers killed
 
 
 def configure(max_workers: Optional[int] = None) -> None:
@@ -62,10 +62,6 @@ if "rlkit" not in sys.modules:
     sys.modules["rlkit"] = pkg
 import math_verify
 """
-
-
-def _noop() -> int:
-    return os.getpid()
 
 
 def _check(gold: str, pred: str, inner_timeout: int) -> Optional[bool]:
@@ -105,52 +101,30 @@ def _main_hidden():
             main.__dict__.update(saved)
 
 
-def _new_pool() -> cf.ProcessPoolExecutor:
+def _new_pool():
+    import pebble
+
+    from .reward_pool import _Context  # spawn workers with __main__ hidden, also the replacements pebble starts
+
     n = _max_workers or max(1, min(2, os.cpu_count() or 1))
     boot = _WORKER_BOOT.format(pkg_dir=os.path.dirname(os.path.abspath(__file__)))
-    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=exec, initargs=(boot, {}))
-    # start every worker now, so process start-up is not charged to the first check's timeout
-    try:
-        warm = [_submit(pool, _noop) for _ in range(n)]
-        for f in warm:
-            f.result(timeout=STARTUP_TIMEOUT_S)
-    except Exception as e:
-        _kill(pool)
-        raise RuntimeError(f"math-verify worker processes failed to start: {e!r}") from e
-    return pool
+    return pebble.ProcessPool(max_workers=n, initializer=exec, initargs=(boot, {}), context=_Context())
 
 
-def _submit(pool: cf.ProcessPoolExecutor, fn, *args) -> cf.Future:
-    # submit() is where the executor starts worker processes: keep __main__ out of them
-    with _lock, _main_hidden():
-        return pool.submit(fn, *args)
-
-
-def _get_pool() -> cf.ProcessPoolExecutor:
+def _get_pool():
     global _pool
     with _lock:
-        if _pool is None:
+        if _pool is None or not _pool.active:
             _pool = _new_pool()
         return _pool
 
 
-def _kill(pool: cf.ProcessPoolExecutor) -> None:
-    for p in list((getattr(pool, "_processes", None) or {}).values()):
-        try:
-            p.kill()
-        except Exception:  # pragma: no cover - already gone
-            pass
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _restart(pool: cf.ProcessPoolExecutor) -> None:
-    global _pool
-    with _lock:
-        if _pool is pool:
-            _pool = None
-        stats["pool_restarts"] += 1
-    _kill(pool)
+def _stop(pool) -> None:
+    try:
+        pool.stop()
+        pool.join(timeout=10)
+    except Exception:  # noqa: BLE001 - already broken
+        pass
 
 
 def shutdown() -> None:
@@ -159,7 +133,7 @@ def shutdown() -> None:
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        _kill(pool)
+        _stop(pool)
 
 
 atexit.register(shutdown)
@@ -181,50 +155,36 @@ def math_equal_many(pairs: Sequence[Tuple[str, str]], timeout_s: float = DEFAULT
     check = checker or _check
     pairs = [(str(g), "\\boxed{" + str(p) + "}" if boxed_pred else str(p)) for g, p in pairs]
     results: List[Optional[bool]] = [None] * len(pairs)
+    if not pairs:
+        return results
     inner = max(1, int(timeout_s))
-    pending = list(range(len(pairs)))
-    broken = 0  # consecutive pool failures without progress
-    while pending:
-        if broken >= 3:
-            logger.error("math-verify worker pool keeps failing; %d checks return None", len(pending))
-            break
+    try:
+        pool = _get_pool()
+        futs = [pool.schedule(check, args=(g, p, inner), timeout=timeout_s) for g, p in pairs]
+    except Exception as e:  # noqa: BLE001 - the pool cannot start or broke: no check can run
+        logger.error("math-verify worker pool failed: %r; %d checks return None", e, len(pairs))
+        shutdown()
+        return results
+    stats["calls"] += len(pairs)
+    # pebble times each check from when a worker takes it; this outer wait only guards a pool that never starts
+    waves = -(-len(pairs) // (_max_workers or max(1, min(2, os.cpu_count() or 1))))
+    guard = STARTUP_TIMEOUT_S + waves * (timeout_s + 1.0)
+    for i, f in enumerate(futs):
         try:
-            pool = _get_pool()
-        except RuntimeError as e:
-            logger.error("%s", e)
-            break
-        try:
-            futs = {i: _submit(pool, check, pairs[i][0], pairs[i][1], inner) for i in pending}
-        except Exception:  # the pool broke between checks (a worker died): start over
-            _restart(pool)
-            broken += 1
-            continue
-        broken = 0
-        stats["calls"] += len(pending)
-        rest: List[int] = []
-        for k, i in enumerate(pending):
-            try:
-                results[i] = futs[i].result(timeout=timeout_s)
-                continue
-            except cf.TimeoutError:
+            results[i] = f.result(timeout=guard)
+        except cf.TimeoutError:
+            if f.done():  # pebble killed the worker (and started a new one)
                 stats["timeouts"] += 1
+                stats["pool_restarts"] += 1
                 logger.warning("math-verify check timed out after %.1fs (gold=%r, prediction=%.200r); "
-                               "restarting the worker pool", timeout_s, pairs[i][0], pairs[i][1])
-            except Exception as e:  # a worker crashed, or the check raised
-                stats["errors"] += 1
-                logger.warning("math-verify check failed (gold=%r): %r", pairs[i][0], e)
-                if not isinstance(e, cf.process.BrokenProcessPool):
-                    continue
-            # the pool is stuck or broken: keep finished results, redo the others in a fresh pool
-            _restart(pool)
-            for j in pending[k + 1:]:
-                f = futs[j]
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    results[j] = f.result()
-                else:
-                    rest.append(j)
-            break
-        pending = rest
+                               "its worker was killed", timeout_s, pairs[i][0], pairs[i][1])
+            else:  # the pool never ran it: give up on the rest
+                logger.error("math-verify workers did not answer in %.0fs; %d checks return None", guard, len(pairs) - i)
+                shutdown()
+                break
+        except Exception as e:  # noqa: BLE001 - the check raised, or its worker died (pebble.ProcessExpired)
+            stats["errors"] += 1
+            logger.warning("math-verify check failed (gold=%r): %r", pairs[i][0], e)
     return results
 
 

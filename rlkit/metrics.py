@@ -37,6 +37,14 @@ class MetricSums:
                 self.max(key + "/max", v.max().item())
                 self.min(key + "/min", v.min().item())
 
+    def std(self, key: str, x: torch.Tensor) -> None:
+        """Sample standard deviation of the finite values of ``x`` across every rank (sum, sum of squares, count)."""
+        v = x.detach().double().flatten()
+        v = v[torch.isfinite(v)]
+        self.totals[f"_std/{key}/n"] += float(v.numel())
+        self.totals[f"_std/{key}/s"] += float(v.sum())
+        self.totals[f"_std/{key}/q"] += float((v * v).sum())
+
     def max(self, key: str, v: float) -> None:
         if math.isfinite(v):
             self.maxes[key] = max(self.maxes.get(key, -math.inf), v)
@@ -72,6 +80,10 @@ class MetricSums:
         out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
         out.update(maxes)
         out.update(mins)
+        for k in [k for k in totals if k.startswith("_std/") and k.endswith("/n")]:
+            n, s_, q = totals.pop(k), totals.pop(k[:-1] + "s"), totals.pop(k[:-1] + "q")
+            if n > 1:
+                out[k[len("_std/"):-len("/n")]] = math.sqrt(max(q - s_ * s_ / n, 0.0) / (n - 1))
         out.update(totals)
         out.update(parts[0]["values"])
         return out

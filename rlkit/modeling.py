@@ -19,10 +19,14 @@ from torch.utils.checkpoint import checkpoint
 
 def build_inputs(prompt_ids: Sequence[Sequence[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int):
     """Right-padded ``prompt + response`` sequences and, for every real response
-    token, the flat index of the position that predicts it."""
+    token, the flat index of the position that predicts it.  A response with masked holes (multi-turn
+    observation tokens) is fed up to its last real token; the holes are context only (no index)."""
     S, T = response_ids.shape
     lens_p = [len(p) for p in prompt_ids]
-    lens_r = response_mask.sum(-1).long().tolist()
+    m = (response_mask > 0).cpu()
+    pos = torch.arange(1, T + 1).expand(S, T) if T else torch.zeros(S, 0, dtype=torch.long)
+    lens_r = (torch.where(m, pos, torch.zeros_like(pos)).max(-1).values if T else torch.zeros(S, dtype=torch.long)).tolist()
+    holes = bool((m.sum(-1) != torch.as_tensor(lens_r)).any()) if S else False
     L = max(lp + lr for lp, lr in zip(lens_p, lens_r)) if S else 1
     L = max(L, 1)
     ids = torch.full((S, L), pad_id, dtype=torch.long)
@@ -33,6 +37,12 @@ def build_inputs(prompt_ids: Sequence[Sequence[int]], response_ids: torch.Tensor
         ids[i, :lp] = torch.as_tensor(prompt_ids[i], dtype=torch.long)
         ids[i, lp:lp + lr] = response_ids[i, :lr]
         att[i, :lp + lr] = 1
+        if holes:
+            real = m[i, :lr].nonzero().flatten().tolist()
+            rows += [i] * len(real)
+            cols_pred += [lp - 1 + t for t in real]
+            cols_resp += real
+            continue
         rows += [i] * lr
         cols_pred += list(range(lp - 1, lp - 1 + lr))
         cols_resp += list(range(lr))

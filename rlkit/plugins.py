@@ -209,5 +209,9 @@ class Controller(Plugin):
         """Runs at the start of every step (also the first one after a resume), before prompts
         are selected; ``trainer.step_idx`` is the number of completed steps."""
 
+    def before_update(self, trainer: Any, batch: Optional[Batch]) -> None:
+        """Runs on every rank right before the step's update, with the batch about to be trained
+        (advantages and token weights final; ``None`` when this rank trains nothing)."""
+
     def after_step(self, trainer: Any, metrics: Dict[str, float]) -> Dict[str, float]:
         return {}

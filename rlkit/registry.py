@@ -23,6 +23,8 @@ _BUILTIN_MODULES = [
     "rlkit.selectors",       # prompt selectors
     "rlkit.rewarding",       # built-in reward names
     "rlkit.algorithms",      # research methods (TEMPO, SPO, D3S, EFRame, UEC, PCL, MM-UPT, OPSD, ...)
+    "rlkit.tools",           # tools (python sandbox, calculator) and tool-call parsers
+    "rlkit.envs",            # multi-turn environments and the multi_turn rollout strategy
 ]
 _loaded = False
 
@@ -40,6 +42,8 @@ def load_builtins() -> None:
     """Import every module that registers built-in plugins (idempotent)."""
     global _loaded
     if _loaded:
+        if _entry_point_error:
+            raise PluginError(_entry_point_error)
         return
     _loaded = True
     for mod in _BUILTIN_MODULES:
@@ -48,6 +52,31 @@ def load_builtins() -> None:
         except ModuleNotFoundError as e:  # an optional package that is not present
             if e.name != mod:
                 raise
+    load_entry_points()
+
+
+_entry_points_loaded: set = set()
+_entry_point_error = ""
+
+
+def load_entry_points(group: str = "rlkit.plugins") -> None:
+    """Import the plugins that installed packages declare under the ``rlkit.plugins`` entry-point group
+    (``[project.entry-points."rlkit.plugins"] my_pkg = "my_pkg.plugins"``), so their ``@register_*`` decorators
+    run.  A failing entry point raises a one-line :class:`PluginError` naming it."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        ident = f"{ep.name} = {ep.value}"
+        if ident in _entry_points_loaded:
+            continue
+        _entry_points_loaded.add(ident)
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - user code: report it in one line (again on every lookup)
+            global _entry_point_error
+            _entry_point_error = (f"entry point {group!r} {ident!r} failed to load: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}")
+            raise PluginError(_entry_point_error) from None
 
 
 class Registry:
@@ -101,10 +130,14 @@ ROLLOUT_ENGINES = Registry("rollout_engine", "generation backend (hf, vllm)")
 REWARDS = Registry("reward", "reward functions (TRL keyword convention)")
 CONTROLLERS = Registry("controller", "reads metrics after a step, adjusts hyperparameters")
 REPLAY = Registry("replay", "buffers of past trajectories mixed into later batches")
+ENVIRONMENTS = Registry("environment", "multi-turn environments: observation text / tool results between model turns")
+TOOLS = Registry("tool", "plain Python functions the model may call (schema from signature + docstring)")
+TOOL_PARSERS = Registry("tool_parser", "model output text -> tool calls")
 
 ALL = [
     ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, KL_ESTIMATORS, REGULARIZERS, FILTERS, TOKEN_WEIGHTING,
     PROMPT_SELECTORS, ROLLOUT_STRATEGIES, ROLLOUT_ENGINES, REWARDS, CONTROLLERS, REPLAY,
+    ENVIRONMENTS, TOOLS, TOOL_PARSERS,
 ]
 BY_HOOK = {r.hook: r for r in ALL}
 
@@ -121,3 +154,6 @@ register_rollout_engine = ROLLOUT_ENGINES.register
 register_reward = REWARDS.register
 register_controller = CONTROLLERS.register
 register_replay = REPLAY.register
+register_environment = ENVIRONMENTS.register
+register_tool = TOOLS.register
+register_tool_parser = TOOL_PARSERS.register

@@ -23,10 +23,16 @@ prompt group with that group's slices (e.g. majority voting).
   extra keys are bound as keyword arguments (``path:`` may be used instead of
   ``name:``); ``convention: verl`` wraps a verl ``compute_score`` with :func:`from_verl`.
 
-Timeouts: each call of a plain Python function runs in its own daemon thread and
-is abandoned after ``reward.timeout_s`` seconds.  Python cannot kill a thread, so a
-function that hangs forever keeps its thread (and whatever it holds) until the
-process exits; the samples get ``None`` and the timeout is counted like an error.
+Isolation and timeouts (``reward.isolation``): with ``process`` (the default) every
+user function runs in a worker process (:mod:`rlkit.reward_pool`) that is killed and
+replaced when a call exceeds ``reward.timeout_s``; with ``thread`` each call runs in a
+daemon thread that is abandoned on timeout (Python cannot kill a thread, so a function
+that hangs keeps its thread until the process exits); with ``none`` it is called
+directly, without a timeout.  Built-in rewards always run in the trainer process.  A
+timed-out call's samples get ``None`` and are counted in ``reward/<name>/timeouts``.
+``SystemExit`` (and, except with ``none``, ``KeyboardInterrupt``) raised by a function
+is contained and counted as an error; ±inf scores become ``None`` and are counted in
+``reward/<name>/nonfinite``; every function gets its own copies of the columns.
 math-verify checks have their own timeout in a worker process pool that *is*
 killed (see :mod:`rlkit.mathverify`).  A function that bounds its own time sets
 ``fn.handles_timeout = True`` (as ``math_verify`` does) and is called directly: a batch
@@ -34,7 +40,6 @@ of slow-but-finite checks then completes instead of being dropped as a whole.
 """
 from __future__ import annotations
 
-import ast
 import asyncio
 import functools
 import hashlib
@@ -51,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .registry import REWARDS, suggest
+from .reward_pool import ProcessReward, RewardCrash, RewardExit, RewardTimeout, _exit_message  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +134,13 @@ def _is_file_spec(where: str) -> bool:
 
 
 def _load_file(path: str, attr: str) -> Callable:
+    obj = _load_file_module(path)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load_file_module(path: str):
     full = os.path.abspath(path)
     if not os.path.isfile(full):
         raise FileNotFoundError(f"reward file not found: {path} (looked for {full})")
@@ -143,10 +156,7 @@ def _load_file(path: str, attr: str) -> Callable:
         except BaseException:
             sys.modules.pop(modname, None)
             raise
-    obj = mod
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return mod
 
 
 def _split_spec(spec: Any):
@@ -208,51 +218,30 @@ def _resolve_target(target: str):
 
 
 # ----------------------------------------------------------------- validation
-def _ast_params(tree: ast.Module, attr: str):
-    """(found, params or None) for a top-level name in a parsed module, without running it."""
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr:
-            a = node.args
-            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-            return True, (names, a.kwarg is not None)
-        if isinstance(node, ast.ClassDef) and node.name == attr:
-            return True, None
-        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                for n in ast.walk(t):
-                    if isinstance(n, ast.Name) and n.id == attr:
-                        return True, None
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                if alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == attr:
-                    return True, None
-        if isinstance(node, (ast.If, ast.Try)):  # names defined under `if`/`try`: accept, can't tell statically
-            for n in ast.walk(node):
-                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == attr:
-                    return True, None
-                if isinstance(n, ast.Name) and n.id == attr and isinstance(n.ctx, ast.Store):
-                    return True, None
-    return False, None
-
-
-def _check_source(path: str, attr: str, key: str, what: str):
+def _check_import(where: str, attr: str, key: str, what: str):
+    """Import a user reward's file or module (its top level runs here, once) and look the name up: one-line
+    errors for a syntax error, a failing import, a missing or non-callable name.  Returns the function."""
     from .config import ConfigError
 
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=path)
+        obj = _load_file_module(where) if _is_file_spec(where) else importlib.import_module(where)
     except SyntaxError as e:
         raise ConfigError(f"{key}: {what} has a syntax error: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {what}: {e}") from None
-    top = attr.split(".")[0]
-    found, params = _ast_params(tree, top)
-    if not found:
-        defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        raise ConfigError(f"{key}: {what} has no function {top!r}." + suggest(top, defined)
-                          + (f" Functions there: {defined}" if defined else ""))
-    return params if "." not in attr else None
+    except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt at import time included
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{key}: importing {what} failed: {type(e).__name__}: {msg}"[:500]) from None
+    module = obj
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            defined = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
+            raise ConfigError(f"{key}: {what} has no function {part!r}." + suggest(part, defined)
+                              + (f" Functions there: {defined}" if defined else ""))
+        obj = getattr(obj, part)
+    if isinstance(obj, BuiltinReward):
+        obj = obj.load()
+    if not callable(obj):
+        raise ConfigError(f"{key}: '{where}:{attr}' in {what} is a {type(obj).__name__}, not a function")
+    return obj
 
 
 def _check_kwargs(kwargs: Dict[str, Any], params, key: str, name: str, strict_names: bool):
@@ -269,11 +258,13 @@ def _check_kwargs(kwargs: Dict[str, Any], params, key: str, name: str, strict_na
 
 
 def validate_reward_specs(reward_cfg: Any) -> None:
-    """Check every ``reward.functions`` entry without importing user code or math-verify.
+    """Check every ``reward.functions`` entry, before any model loads.
 
-    Files must exist and define the function (checked by parsing the source), modules
-    must be importable (found, not imported), names must be known.  Raises
-    :class:`rlkit.config.ConfigError` naming ``reward.functions[i]``.
+    Files must exist; user files, modules and built-ins are imported (a user module's top
+    level runs once, here; a built-in's import is cheap, math-verify itself loads in its
+    workers), the named attribute must exist (a typo is named with suggestions) and be
+    callable, and bound parameters are checked against ``inspect.signature``.  Raises
+    :class:`rlkit.config.ConfigError` naming ``reward.functions[i]`` and the file or module.
     """
     from .config import ConfigError
 
@@ -310,16 +301,15 @@ def validate_reward_specs(reward_cfg: Any) -> None:
             if _is_file_spec(where):
                 if not os.path.isfile(where):
                     raise ConfigError(f"{key}: reward file not found: {where} (relative to {os.getcwd()})")
-                params = _check_source(where, attr, key, f"reward file {where}")
+                fn = _check_import(where, attr, key, f"reward file {where}")
             else:
-                params = _check_module(where, attr, key)
-            _check_kwargs(kwargs, params, key, target, strict_names=False)
+                _check_module(where, key)
+                fn = _check_import(where, attr, key, f"module {where}")
+            _check_kwargs(kwargs, _signature_params(fn), key, target, strict_names=False)
         elif target in BUILTIN_REWARDS:
             module, _, attr = BUILTIN_REWARDS[target].partition(":")
-            spec_ = importlib.util.find_spec(module)
-            if spec_ is not None and spec_.origin and spec_.origin.endswith(".py"):
-                _check_kwargs(kwargs, _check_source(spec_.origin, attr, key, f"built-in {target}"), key, target,
-                              strict_names=True)
+            fn = _check_import(module, attr, key, f"built-in {target}")
+            _check_kwargs(kwargs, _signature_params(fn), key, target, strict_names=True)
         elif target in REWARDS:
             fn = REWARDS.get(target)
             _check_kwargs(kwargs, _signature_params(fn), key, target, strict_names=False)
@@ -327,13 +317,15 @@ def validate_reward_specs(reward_cfg: Any) -> None:
             raise ConfigError(f"{key}: {target!r}: name the function too, as 'path/to/file.py:function'")
         elif "." in target:
             module, attr = target.rsplit(".", 1)
-            _check_kwargs(kwargs, _check_module(module, attr, key), key, target, strict_names=False)
+            _check_module(module, key)
+            fn = _check_import(module, attr, key, f"module {module}")
+            _check_kwargs(kwargs, _signature_params(fn), key, target, strict_names=False)
         else:
             raise ConfigError(f"{key}: unknown reward function {target!r}." + suggest(target, REWARDS.names())
                               + f" Built-in: {sorted(BUILTIN_REWARDS)}; or give 'file.py:fn' / 'module:fn'.")
 
 
-def _check_module(module: str, attr: str, key: str):
+def _check_module(module: str, key: str) -> None:
     from .config import ConfigError
 
     try:
@@ -345,9 +337,6 @@ def _check_module(module: str, attr: str, key: str):
         err = ""
     if spec is None:
         raise ConfigError(f"{key}: cannot find module {module!r}{err}")
-    if spec.origin and spec.origin.endswith(".py"):
-        return _check_source(spec.origin, attr, key, f"module {module}")
-    return None  # compiled or namespace module: checked when loaded
 
 
 def _signature_params(fn):
@@ -378,6 +367,8 @@ def from_verl(compute_score: Callable, name: Optional[str] = None, ground_truth_
         return [compute_score(sources[i], completion_text(completions[i]), gts[i], extras[i]) for i in range(n)]
 
     reward.__name__ = name or getattr(compute_score, "__name__", "compute_score")
+    if ground_truth_key is None:
+        reward._verl_compute_score = compute_score  # a worker process rebuilds this adapter from it
     reward.__doc__ = f"verl compute_score {reward.__name__} adapted to the TRL convention"
     return reward
 
@@ -402,28 +393,35 @@ class RewardResult:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
-class RewardTimeout(Exception):
-    pass
+class RewardError(RuntimeError):
+    """A reward function failed with ``reward.strict=true`` (one line: ``reward error: ...``)."""
+
+    kind = "reward"
 
 
 def _call_with_timeout(fn: Callable, kwargs: Dict[str, Any], timeout_s: Optional[float]):
     def run():
-        out = fn(**kwargs)
-        if inspect.isawaitable(out):
-            out = asyncio.run(_await(out))
+        try:
+            out = fn(**kwargs)
+            if inspect.isawaitable(out):
+                out = asyncio.run(_await(out))
+        except SystemExit as e:  # contained: sys.exit() in a reward must not end training (with exit code 0)
+            raise RewardExit(_exit_message(e)) from e
         return out
 
     if not timeout_s or timeout_s <= 0:
-        return run()
+        return run()  # in the caller's thread: a KeyboardInterrupt here may be the user's Ctrl-C, so it propagates
     box: Dict[str, Any] = {}
 
     def target():
         try:
             box["out"] = run()
+        except KeyboardInterrupt as e:  # raised by the function itself (Ctrl-C lands in the main thread)
+            box["err"] = RewardExit(_exit_message(e))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["err"] = e
 
-    t = threading.Thread(target=target, name=f"reward-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    t = threading.Thread(target=target, name=f"reward-{getattr(_base_fn(fn), '__name__', 'fn')}", daemon=True)
     t.start()
     t.join(timeout_s)
     if t.is_alive():
@@ -480,7 +478,13 @@ class Rewarder:
         self.timeout_s = getattr(reward_cfg, "timeout_s", None)
         self.strict = bool(getattr(reward_cfg, "strict", False))
         self._warned: set = set()
-        self.totals: Dict[str, Dict[str, int]] = {f.name: {"errors": 0, "timeouts": 0} for f in self.functions}
+        self.totals: Dict[str, Dict[str, int]] = {f.name: {"errors": 0, "timeouts": 0, "nonfinite": 0}
+                                                  for f in self.functions}
+        self.isolation = getattr(reward_cfg, "isolation", None) or "process"
+        if self.isolation not in ("process", "thread", "none"):
+            raise ValueError(f"reward.isolation must be 'process', 'thread' or 'none', got {self.isolation!r}")
+        if self.isolation == "process":
+            isolate_functions(self.functions, self.timeout_s)
 
     @property
     def names(self) -> List[str]:
@@ -525,19 +529,23 @@ class Rewarder:
                     for j, i in enumerate(idx):
                         values[i] = out[j]
             main, subs = _split_values(values)
+            main, nonfinite = self._drop_nonfinite(rf, main)  # ±inf: counted, scored None (never a NaN reward/mean)
             t = torch.tensor([_to_float(v) for v in main], dtype=torch.float32)
             components[rf.name] = t
             main_cols.append(t)
-            metrics[f"reward/{rf.name}/mean"] = _nanmean(t)
             metrics[f"reward/{rf.name}/errors"] = float(errors)
             metrics[f"reward/{rf.name}/timeouts"] = float(timeouts)
-            metrics[f"reward/{rf.name}/skipped"] = float(torch.isnan(t).sum().item())
+            metrics[f"reward/{rf.name}/nonfinite"] = float(nonfinite)
+            metrics[f"reward/{rf.name}/skipped_frac"] = float(torch.isnan(t).float().mean().item()) if S else 0.0
+            # reward/<name>/mean and /std (and those of dict sub-scores) are computed by the trainer from the
+            # components, weighted by sample counts across ranks
             for key, vals in subs.items():
                 st = torch.tensor([_to_float(v) for v in vals], dtype=torch.float32)
+                st[torch.isinf(st)] = math.nan
                 components[f"{rf.name}/{key}"] = st
-                metrics[f"reward/{rf.name}/{key}/mean"] = _nanmean(st)
             self.totals[rf.name]["errors"] += errors
             self.totals[rf.name]["timeouts"] += timeouts
+            self.totals[rf.name]["nonfinite"] = self.totals[rf.name].get("nonfinite", 0) + nonfinite
         if not main_cols:
             return RewardResult(torch.zeros(S), components, metrics)
         stacked = torch.stack(main_cols, dim=0)                      # [F, S]
@@ -548,11 +556,32 @@ class Rewarder:
         rewards = torch.where(all_none, torch.full_like(rewards, math.nan), rewards)
         return RewardResult(rewards, components, metrics)
 
+    def _drop_nonfinite(self, rf: RewardFn, main: List[Any]):
+        """±inf scores become None (NaN = None already means "not applicable"); -> (values, how many)."""
+        bad = [i for i, v in enumerate(main) if isinstance(v, float) and math.isinf(v)]
+        if not bad:
+            return main, 0
+        if self.strict:
+            raise RewardError(f"reward function {rf.name!r} returned {main[bad[0]]} for sample {bad[0]} "
+                              f"(set reward.strict=false to count non-finite rewards and skip those samples)")
+        if (rf.name, "inf") not in self._warned:
+            self._warned.add((rf.name, "inf"))
+            logger.warning("reward function %r returned %s for %d of %d samples; they get None (counted in "
+                           "reward/%s/nonfinite; further ones are only counted)", rf.name, main[bad[0]], len(bad),
+                           len(main), rf.name)
+        main = list(main)
+        for i in bad:
+            main[i] = None
+        return main, len(bad)
+
     def _call(self, rf: RewardFn, kwargs: Dict[str, Any], n: int):
         """-> (list of n values or None, None | "error" | "timeout")."""
         if isinstance(rf.fn, functools.partial):  # recipe-bound params win over same-named columns
             kwargs = {k: v for k, v in kwargs.items() if k not in rf.fn.keywords}
-        timeout = None if getattr(_base_fn(rf.fn), "handles_timeout", False) else self.timeout_s
+        base = _base_fn(rf.fn)
+        timeout = None if self.isolation == "none" or getattr(base, "handles_timeout", False) else self.timeout_s
+        if not isinstance(base, ProcessReward):  # (a worker gets pickled copies anyway)
+            kwargs = _copy_columns(kwargs)       # a function that mutates its inputs cannot corrupt the batch
         try:
             out = _call_with_timeout(rf.fn, kwargs, timeout)
             out = [_clean_value(v) for v in _check_output(out, n)]
@@ -560,8 +589,8 @@ class Rewarder:
         except Exception as e:  # noqa: BLE001
             kind = "timeout" if isinstance(e, RewardTimeout) else "error"
             if self.strict:
-                raise RuntimeError(f"reward function {rf.name!r} {'timed out' if kind == 'timeout' else 'raised'}: "
-                                   f"{e!r} (set reward.strict=false to skip its samples instead)") from e
+                raise RewardError(f"reward function {rf.name!r} {'timed out' if kind == 'timeout' else 'raised'}: "
+                                  f"{e!r} (set reward.strict=false to skip its samples instead)") from e
             if rf.name not in self._warned:
                 self._warned.add(rf.name)
                 tb = "" if kind == "timeout" else "\n" + "".join(traceback.format_exception(e))
@@ -569,6 +598,72 @@ class Rewarder:
                                "further failures are only counted)%s", rf.name,
                                f"timed out: {e}" if kind == "timeout" else f"raised {e!r}", n, rf.name, kind, tb)
             return None, kind
+
+
+def isolate_functions(functions: List[RewardFn], timeout_s: Optional[float]) -> None:
+    """``reward.isolation=process``: route every user function to the worker pool (:mod:`rlkit.reward_pool`).
+
+    Built-in rewards (rlkit's own, bounded code) and functions that bound their own time (``handles_timeout``,
+    e.g. ``math_verify``, which has its own killed-on-timeout pool) stay in the trainer process; so does a
+    function a worker cannot import by name (a lambda, a closure, something defined in ``__main__``), with a
+    warning."""
+    from . import reward_pool
+
+    plan = []
+    for rf in functions:
+        fn = rf.fn
+        bound = dict(fn.keywords) if isinstance(fn, functools.partial) else {}
+        base = _base_fn(fn)
+        if getattr(base, "handles_timeout", False) or isinstance(base, reward_pool.ProcessReward):
+            continue
+        source, convention = getattr(base, "_verl_compute_score", None), None
+        if source is not None:
+            base, convention = source, "verl"
+        if (getattr(base, "__module__", None) or "").startswith("rlkit.builtin_rewards"):
+            continue
+        ref = reward_pool.reference(base)
+        if ref is None:
+            logger.warning("reward function %r cannot be imported by name in a worker process (a lambda, a closure "
+                           "or a function defined in __main__): it runs in a thread of the trainer process, where a "
+                           "timeout abandons it but cannot stop it (define it in a file and give 'file.py:fn')", rf.name)
+            continue
+        plan.append((rf, base, ref + (convention,), bound))
+    if plan:
+        try:
+            import pebble  # noqa: F401
+        except ImportError:
+            from .config import ConfigError
+
+            raise ConfigError("reward.isolation=process needs the 'pebble' package (a dependency of rlkit: "
+                              "pip install pebble), or set reward.isolation=thread") from None
+    group = frozenset(ref for _, _, ref, _ in plan)
+    for rf, base, ref, bound in plan:
+        proxy = reward_pool.ProcessReward(base, ref, timeout_s, group)
+        rf.fn = functools.partial(proxy, **bound) if bound else proxy
+    if group:
+        reward_pool.start(group)  # spawn and import now, not at the first reward call
+
+
+_ATOMIC = (str, bytes, int, float, bool, type(None))
+
+
+def _copy_columns(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-call copies of list / dict / tensor arguments (other objects, e.g. ``trainer_state``, are passed as is)."""
+    import copy
+
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, (list, tuple)):
+            v = [x if isinstance(x, _ATOMIC) else list(x) if isinstance(x, list) and all(isinstance(y, _ATOMIC) for y in x)
+                 else copy.deepcopy(x) for x in v]
+        elif isinstance(v, dict):
+            v = copy.deepcopy(v)
+        elif hasattr(v, "clone") and hasattr(v, "shape"):  # torch tensor
+            v = v.clone()
+        elif hasattr(v, "copy") and hasattr(v, "shape"):  # numpy array
+            v = v.copy()
+        out[k] = v
+    return out
 
 
 def _slice(base: Dict[str, Any], idx: List[int], S: int) -> Dict[str, Any]:

@@ -21,7 +21,18 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
     "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    # benchmarks/opsd_memory.py: students and teachers with 4x their parameters (2.6M / 10.5M / 42M), same tokenizer
+    "medium": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
+    "large": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
+    "xl": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16),
 }
+# Trained variants, made once by ECHO_SFT_STEPS supervised steps (seeded; a few seconds):
+# ``toy:<size>-echo``: answers the echo task (a teacher that knows the task, for OPD's tiny profile; toy:small-echo
+#     has 4x the parameters of toy:tiny and the same tokenizer);
+# ``toy:<size>-hint``: copies a hint, ``"answer: x " + prompt`` -> x (x a random letter, unrelated to the prompt), and
+#     never saw a prompt without a hint: OPSD's tiny profile, whose teacher reads the hint and whose student does not.
+ECHO_SFT_STEPS = 100
+VARIANTS = ("-echo", "-hint")
 
 
 def cache_dir() -> str:
@@ -42,8 +53,40 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_model_dir(path: str, size: str = "tiny", seed: int = 0) -> str:
-    """Write a random-init tiny Llama + tokenizer in HF format to ``path``."""
+def _sft_echo(model, tok, steps: int, seed: int = 1, k: int = 8, hint: bool = False) -> None:
+    """Supervised fine-tuning on echo rows (prompt -> the gold letter k times, then EOS; ``hint``: the prompt
+    ``"answer: x " + question`` -> x, a random letter); deterministic, a few seconds."""
+    import torch
+
+    rows = echo_rows(4096, seed=seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        seqs, labels = [], []
+        for r in rng.sample(rows, 32):
+            q, a = r["question"], r["answer"]
+            if hint:
+                a = rng.choice("abcdefgh")
+                q = f"answer: {a} {q}"
+            p = tok(q)["input_ids"]
+            c = tok(a * k, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            seqs.append(p + c)
+            labels.append([-100] * len(p) + c)
+        L = max(map(len, seqs))
+        ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x in seqs])
+        lab = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
+        att = (torch.arange(L)[None] < torch.tensor([len(x) for x in seqs])[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def make_model_dir(path: str, size: str = "tiny", seed: int = 0, echo_steps: int = 0, hint: bool = False) -> str:
+    """Write a random-init tiny Llama + tokenizer in HF format to ``path`` (``echo_steps`` > 0: then trained
+    that many supervised steps on the echo task, with a hint in the prompt if ``hint``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,6 +96,8 @@ def make_model_dir(path: str, size: str = "tiny", seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):  # never perturb the caller's RNG stream
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
+        if echo_steps:
+            _sft_echo(model, tok, echo_steps, hint=hint)
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -67,15 +112,23 @@ def make_model_dir(path: str, size: str = "tiny", seed: int = 0) -> str:
 
 
 def resolve(name_or_path: str) -> str:
-    """``toy:<size>`` -> a local directory (created once); anything else unchanged."""
+    """``toy:<size>`` -> a local directory (created once); ``gguf:SRC`` -> the converted, cached HF directory
+    (:mod:`rlkit.gguf`); anything else unchanged."""
+    if isinstance(name_or_path, str) and name_or_path.startswith("gguf:"):
+        from .gguf import resolve as resolve_gguf
+
+        return resolve_gguf(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.startswith("toy:"):
         return name_or_path
-    size = name_or_path.split(":", 1)[1] or "tiny"
+    name = name_or_path.split(":", 1)[1] or "tiny"
+    variant = next((v for v in VARIANTS if name.endswith(v)), "")
+    size = name[:len(name) - len(variant)]
     if size not in SIZES:
-        raise ValueError(f"unknown toy model {name_or_path!r}; known: {', '.join('toy:' + s for s in SIZES)}")
-    path = os.path.join(cache_dir(), f"toy-{size}")
+        raise ValueError(f"unknown toy model {name_or_path!r}; known: {', '.join('toy:' + s for s in SIZES)} "
+                         f"(and toy:<size>-echo, toy:<size>-hint)")
+    path = os.path.join(cache_dir(), f"toy-{name}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_model_dir(path, size)
+        make_model_dir(path, size, echo_steps=ECHO_SFT_STEPS if variant else 0, hint=variant == "-hint")
     return path
 
 

@@ -30,7 +30,7 @@ from .plugins import AggNorm, ForwardOutput, LossInputs, PluginContext, RolloutC
 from .registry import (ADVANTAGES, AGGREGATIONS, CONTROLLERS, FILTERS, KL_ESTIMATORS, POLICY_LOSSES, PROMPT_SELECTORS,
                        REGULARIZERS, ROLLOUT_ENGINES, ROLLOUT_STRATEGIES, TOKEN_WEIGHTING)
 from .rollout.base import SamplingParams
-from .tracking import Tracker, truncate_jsonl
+from .tracking import Tracker
 
 log = logging.getLogger("rlkit")
 
@@ -60,14 +60,30 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.trainer
-        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_distributed())
+        if accelerator is None:
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            # a collective that a peer never joins fails after distributed_timeout_s (rlkit/distributed.py)
+            from .distributed import collective_timeout_s
+
+            pg = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s(t.distributed_timeout_s)))
+            from .trackers import tracker_project_config
+
+            accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=_cpu_distributed(), kwargs_handlers=[pg],
+                                      log_with=list(t.log_with) or None, project_config=tracker_project_config(t.output_dir))
+        self.acc = accelerator
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        from .distributed import Watchdog
+
+        self.watchdog = Watchdog(self.rank, self.world, t.distributed_timeout_s).start()  # no-op for one process
         if t.prompts_per_step % self.world:
             raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be divisible by the number of processes ({self.world}): groups are never split across ranks")
         self.local_prompts = t.prompts_per_step // self.world
         samples_per_step = t.prompts_per_step * cfg.rollout.samples_per_prompt
         mb = t.samples_per_minibatch or samples_per_step
-        self.num_minibatches = max(1, math.ceil(samples_per_step / mb))
+        self.num_minibatches = max(1, math.ceil(samples_per_step / mb))  # nominal; _num_minibatches counts per step
         set_seed(t.seed + self.rank)
 
         # data first: a bad field fails before any model loads
@@ -75,12 +91,16 @@ class Trainer:
         self._raw_eval = None
         if cfg.data.eval_path or eval_rows is not None:
             self._raw_eval = load_prompts(cfg.data, None, "eval", rows=eval_rows)
+        from .preflight import preflight
+
+        preflight(cfg)  # output_dir, resume, model context, engine set-up: before the tokenizer and the model load
 
         ctx_kw = dict(config=cfg, total_steps=t.total_steps, world_size=self.world, rank=self.rank,
                       device=self.acc.device, seed=t.seed)
         self.pctx = PluginContext(**ctx_kw)
         self._build_plugins()
         self.run_dir = self._run_dir()
+        self._resume_from = self._choose_resume()  # verified before any model loads
 
         key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
         try:
@@ -104,8 +124,11 @@ class Trainer:
                                        max_new_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
         self.step_idx = 0
         self._next_group = 0
-        self.tracker = Tracker(self.run_dir, self.acc.is_main_process, t.tensorboard,
-                               {"project": t.wandb_project} if t.wandb else None, to_dict(cfg))
+        self._num_tokens = 0.0
+        from . import trackers
+
+        trackers.start(self.acc, cfg, self.run_dir, to_dict(cfg))  # trainer.log_with, through accelerate
+        self.tracker = Tracker(self.run_dir, self.acc.is_main_process, accelerator=self.acc)
         if self.acc.is_main_process:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self._maybe_resume()
@@ -113,13 +136,23 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _plugin(self, registry, spec, key):
         cls = registry.get(spec.name, key)
-        return cls(make_params(cls, spec, key), self.pctx)
+        params = make_params(cls, spec, key)
+        try:
+            return cls(params, self.pctx)
+        except ConfigError:
+            raise
+        except ValueError as e:  # the plugin's own check of its params against the run
+            raise ConfigError(f"{key}: {e}") from None
 
     def _build_plugins(self) -> None:
         a = self.cfg.algorithm
         self.advantage = self._plugin(ADVANTAGES, a.advantage, "algorithm.advantage")
         self.policy_loss = self._plugin(POLICY_LOSSES, a.policy_loss, "algorithm.policy_loss")
         self.aggregate = AGGREGATIONS.get(a.aggregation.name, "algorithm.aggregation")
+        from .objectives.aggregation import norm_max_len
+
+        self.agg_max_len = norm_max_len(self.aggregate, make_params(self.aggregate, a.aggregation, "algorithm.aggregation"),
+                                        self.cfg.rollout.max_new_tokens)
         self.kl_fn = KL_ESTIMATORS.get(a.kl.estimator, "algorithm.kl.estimator") if a.kl.coef > 0 else None
         self.regularizers = [self._plugin(REGULARIZERS, s, f"algorithm.regularizers[{i}]") for i, s in enumerate(a.regularizers)]
         filters = [self._plugin(FILTERS, s, f"algorithm.filters[{i}]") for i, s in enumerate(a.filters)]
@@ -200,58 +233,167 @@ class Trainer:
         self.unwrapped_lm = self.acc.unwrap_model(self.policy).lm
 
     # ----------------------------------------------------------------- resume
-    def _maybe_resume(self) -> None:
+    def _choose_resume(self) -> Optional[str]:
+        """The checkpoint ``trainer.resume`` names, verified (``rlkit/checkpoint.py``); rank 0 decides for all."""
         r = self.cfg.trainer.resume
         if r == "none":
-            return
-        path = ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints")) if r == "auto" else r
-        if path is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
-            return
-        if not os.path.exists(os.path.join(path, "rlkit.pt")):
-            raise FileNotFoundError(f"trainer.resume={r}: {path} is not a complete rlkit checkpoint (no rlkit.pt)")
-        self.acc.load_state(os.path.join(path, "state"))
-        state = torch.load(os.path.join(path, "rlkit.pt"), weights_only=False)
-        self.step_idx = state["step"]
-        own = os.path.join(path, f"plugins_rank{self.rank}.pt")  # each rank's buffers, value models, counters
-        if os.path.exists(own):
-            state = {**state, **torch.load(own, weights_only=False)}
-        self._next_group = state.get("next_group", 0)
-        for k, p in self._plugins_with_state.items():
-            if k in state["plugins"]:
-                p.load_state_dict(state["plugins"][k])
+            return None
+        res = None
         if self.acc.is_main_process:
-            for f in ("metrics.jsonl", "completions.jsonl"):
-                truncate_jsonl(os.path.join(self.run_dir, f), self.step_idx)
-        self.engine.sync_weights(self.unwrapped_lm)
-        self.acc.print(f"resumed from {path} at step {self.step_idx}")
+            try:
+                path, damaged = ckpt.choose(os.path.join(self.run_dir, "checkpoints"), r, self.world)
+                for why in damaged:
+                    log.warning("resume=auto: skipping a damaged checkpoint: %s", why)
+                res = ("ok", path)
+            except ckpt.CheckpointError as e:
+                res = ("error", str(e))
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            res = broadcast_object_list([res])[0]
+        if res[0] == "error":
+            raise ckpt.CheckpointError(res[1])
+        return res[1]
+
+    def _maybe_resume(self) -> None:
+        """Load the chosen checkpoint.  Later checkpoints of this run (a branch abandoned by resuming from an older
+        one, or damaged ones skipped) move to ``checkpoints/abandoned-<time>/`` with their log lines; never lost."""
+        r, path = self.cfg.trainer.resume, self._resume_from
+        if r == "none":
+            return
+        d = os.path.join(self.run_dir, "checkpoints")
+        if path is not None:
+            self.acc.load_state(os.path.join(path, "state"))
+            state = {**ckpt.load_data(os.path.join(path, "rlkit.pt")),  # data only: weights_only=True
+                     **ckpt.load_data(os.path.join(path, f"plugins_rank{self.rank}.pt"))}  # each rank's buffers, counters
+            self.step_idx = int(state["step"])
+            self._next_group = state.get("next_group", 0)
+            self._num_tokens = float(state.get("num_tokens", 0.0))
+            for k, p in self._plugins_with_state.items():
+                if k in state["plugins"]:
+                    p.load_state_dict(state["plugins"][k])
+            t = self.cfg.trainer
+            lrs = [t.lr] + ([self.cfg.algorithm.critic.lr or t.lr] if self.critic is not None else [])
+            for change in ckpt.apply_optimizer_settings(self.optimizer, self.scheduler, lrs, t.adam_betas, t.weight_decay):
+                log.warning("resume: %s (the configured value is applied from step %d on)", change, self.step_idx + 1)
+        else:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            later = [c for c in ckpt.candidates(d) if ckpt.step_of(c) > self.step_idx]
+            aside = ckpt.move_aside(d, later) if later else None
+            if aside:
+                log.warning("resumed at step %d: a new branch starts; the later checkpoints %s and their metrics/completions "
+                            "lines were moved to %s", self.step_idx, [os.path.basename(c) for c in later], aside)
+            for f in ("metrics.jsonl", "completions.jsonl"):  # lines past the step are redone (killed run) or moved aside
+                ckpt.truncate_log(os.path.join(self.run_dir, f), self.step_idx, os.path.join(aside, f) if aside else None)
+        self.acc.wait_for_everyone()
+        if path is not None:
+            self.engine.sync_weights(self.unwrapped_lm)
+            self.acc.print(f"resumed from {path} at step {self.step_idx}")
 
     def save_checkpoint(self) -> str:
+        """Write ``checkpoints/step_N`` atomically (see ``rlkit/checkpoint.py``); every failure is a one-line
+        ``CheckpointError`` that leaves the earlier checkpoints intact."""
         d = os.path.join(self.run_dir, "checkpoints")
         final = os.path.join(d, f"step_{self.step_idx}")
-        tmp = final + ".tmp"
-        self.acc.wait_for_everyone()
+        models = [self.policy] + ([self.critic] if self.critic is not None else [])
+        bad = ckpt.first_nonfinite([(n, p) for m in models for n, p in self.acc.unwrap_model(m).named_parameters()]
+                                   + list(ckpt.optimizer_tensors(self.optimizer)))
+        if self._any(bad is not None):
+            raise ckpt.CheckpointError(f"{final}: not written: {bad or 'a tensor on another rank'} is not finite; "
+                                       "the earlier checkpoints are kept")
+        keep = self.cfg.trainer.keep_checkpoints
+        # taken once (a state_dict may have side effects, e.g. EFRame admits trained rows to its replay buffer)
+        plugin_state = {"next_group": self._next_group, "num_tokens": self._num_tokens, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}}
+        err = self._write_checkpoint(final + ".tmp", plugin_state)
+        if err is not None:
+            pruned = self._room_after_failed_write(d, final, keep, err)
+            err = self._write_checkpoint(final + ".tmp", plugin_state) if pruned else err
+            if err is not None:
+                self._cleanup_failed_write(d, final, err)
         if self.acc.is_main_process:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(os.path.join(tmp, "state"))
-        self.save_model(os.path.join(tmp, "model"))
-        plugin_state = {"next_group": self._next_group, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}}
-        torch.save(plugin_state, os.path.join(tmp, f"plugins_rank{self.rank}.pt"))
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:  # rlkit.pt is written last: its presence marks a complete checkpoint
-            torch.save({"step": self.step_idx, **plugin_state}, os.path.join(tmp, "rlkit.pt"))
-            if os.path.exists(final):
-                import shutil
-
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ckpt.prune(d, self.cfg.trainer.keep_checkpoints)
+            if os.path.exists(final):  # unreachable after resume moves later checkpoints aside; never overwrite
+                ckpt.move_aside(d, [final])
+            ckpt.publish(final + ".tmp", final)
+            ckpt.prune(d, keep)
         self.acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, tmp: str, plugin_state: Dict[str, Any]) -> Optional[BaseException]:
+        """Every file of a checkpoint plus its manifest into ``tmp``.  Returns None, or this rank's first error
+        (every rank learns that some rank failed; the phases with collectives run on every rank regardless)."""
+        import shutil
+
+        err: Optional[BaseException] = None
+
+        def attempt(fn, *a, collective=False):
+            nonlocal err
+            if err is None or collective:
+                try:
+                    fn(*a)
+                except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or SafetensorError
+                    err = err or e
+
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            attempt(os.makedirs, tmp)
+        self.acc.wait_for_everyone()
+        attempt(self.acc.save_state, os.path.join(tmp, "state"), collective=True)
+        attempt(self.save_model, os.path.join(tmp, "model"), collective=True)
+        attempt(ckpt.save_data, plugin_state, os.path.join(tmp, f"plugins_rank{self.rank}.pt"))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:  # the manifest is written last: its presence marks a complete checkpoint
+            attempt(ckpt.save_data, {"step": self.step_idx, **plugin_state}, os.path.join(tmp, "rlkit.pt"))
+            attempt(ckpt.write_manifest, tmp, self.step_idx, self.world)
+        if self._any(err is not None):
+            return err or ckpt.CheckpointError("another rank failed to write its part")
+        return None
+
+    def _room_after_failed_write(self, d: str, final: str, keep: int, err: BaseException) -> bool:
+        """After a failed write: remove the partial ``.tmp``; if the disk is full and pruning what the keep policy
+        would prune anyway makes room, prune it now so the retry fits.  Same answer on every rank."""
+        import shutil
+
+        pruned: List[str] = []
+        if self.acc.is_main_process:
+            tmp = final + ".tmp"
+            partial = ckpt.dir_size(tmp) if os.path.isdir(tmp) else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = ckpt.list_checkpoints(d)
+            self._ckpt_bytes = int(1.05 * max([partial] + ([ckpt.dir_size(done[-1])] if done else []))) + (1 << 16)
+            if self._disk_full(d, err):
+                pruned = ckpt.room_by_pruning(d, keep, self._ckpt_bytes)
+                for p in pruned:
+                    shutil.rmtree(p, ignore_errors=True)
+                if pruned:
+                    log.warning("disk full writing %s: pruned %s first (trainer.keep_checkpoints=%d removes them once "
+                                "it exists) and retrying", final, [os.path.basename(p) for p in pruned], keep)
+        return self._any(bool(pruned))
+
+    def _disk_full(self, d: str, err: BaseException) -> bool:
+        import shutil
+
+        return (ckpt.is_no_space(err) or "No space left" in str(err)
+                or shutil.disk_usage(d).free < getattr(self, "_ckpt_bytes", 1 << 20))
+
+    def _cleanup_failed_write(self, d: str, final: str, err: BaseException) -> None:
+        import shutil
+
+        if self.acc.is_main_process:
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+        self.acc.wait_for_everyone()
+        full = self._disk_full(d, err)
+        if not full and not isinstance(err, (OSError, ckpt.CheckpointError)):
+            raise err  # not the disk: a bug in rlkit or a plugin, keep its traceback
+        kept = [os.path.basename(p) for p in ckpt.list_checkpoints(d)]
+        if not full:
+            raise ckpt.CheckpointError(f"{final}: not written: {err}; the partial write was removed and the earlier "
+                                       f"checkpoints {kept} are intact") from None
+        raise ckpt.CheckpointError(f"{final}: not written (no space left on device; {shutil.disk_usage(d).free / 2**20:.1f} "
+                                   f"MiB free); the partial write was removed and the earlier checkpoints {kept} are intact: "
+                                   "free space, then rerun with trainer.resume=auto") from None
 
     def save_model(self, path: str) -> None:
         """HF-format weights (LoRA merged) + tokenizer, loadable by from_pretrained and vLLM."""
@@ -272,14 +414,25 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         t = self.cfg.trainer
         bar = None
-        if t.progress_bar and self.acc.is_main_process:
+        from .tracking import use_progress_bar
+
+        if use_progress_bar(t.progress_bar) and self.acc.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.total_steps, initial=self.step_idx, desc="rlkit", dynamic_ncols=True)
+        else:  # no bar (progress_bar=false, or output to a file): one short line per step (Tracker.CONSOLE_KEYS)
+            self.tracker.console, self.tracker.total_steps = lambda line: print(line, flush=True), t.total_steps
         last: Dict[str, float] = {}
         try:
             while self.step_idx < t.total_steps:
-                last = self.step()
+                try:
+                    last = self.step()
+                except RuntimeError as e:  # a collective a peer never joined (deadlocked rank): name who is behind
+                    from .distributed import collective_error, is_collective_timeout
+
+                    if self.world > 1 and is_collective_timeout(e):
+                        raise collective_error(e, self.watchdog, t.distributed_timeout_s) from e
+                    raise
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k.split("/")[0]: f"{last[k]:.3f}" for k in ("reward/mean", "accuracy") if k in last})
@@ -292,6 +445,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.tracker.close()
+            self.watchdog.stop()
         return last
 
     @contextmanager
@@ -327,6 +481,7 @@ class Trainer:
     def step(self) -> Dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step_idx + 1
+        self.watchdog.set(step, "step")
         timings: Dict[str, float] = {}
         ms = MetricSums()
         t_step = time.perf_counter()
@@ -398,7 +553,13 @@ class Trainer:
                     w(batch)
                     for k, v in (w.metrics() if hasattr(w, "metrics") else {}).items():
                         ms.mean(k, v, 1)
+            else:  # a weighting with cross-rank statistics joins its collectives with nothing to contribute
+                for w in self.token_weighting:
+                    if hasattr(w, "join_empty"):
+                        w.join_empty()
         train_batch = batch if batch is not None and len(batch) else None
+        for c in self.controllers:  # every rank, even with nothing to train (a controller may run collectives)
+            c.before_update(self, train_batch)
 
         # 4. update (every rank joins, even with nothing to train, so collectives match)
         with self._timer("train", timings):
@@ -426,6 +587,9 @@ class Trainer:
         for k, v in timings.items():
             metrics[f"time/{k}"] = v
         gen_tokens, trained_tokens = metrics.pop("_gen_tokens", 0.0), metrics.pop("_trained_tokens", 0.0)
+        self._num_tokens += metrics.pop("_prompt_tokens", 0.0) + gen_tokens
+        metrics["num_tokens"] = self._num_tokens  # cumulative prompt + completion tokens (TRL's num_tokens)
+        metrics["epoch"] = step * t.prompts_per_step / max(len(self.train_rows), 1)
         metrics["throughput/tokens_per_s"] = (gen_tokens + trained_tokens) / max(timings["step"], 1e-9)
         metrics["throughput/gen_tokens_per_s"] = gen_tokens / max(timings["rollout"], 1e-9)
         self._check_gap(metrics)
@@ -434,6 +598,9 @@ class Trainer:
             t0 = time.perf_counter()
             metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
             metrics["time/eval"] = time.perf_counter() - t0
+        from .metric_names import rename
+
+        metrics = rename(metrics, t.metric_names)
         self.tracker.log(step, metrics, console=None)
         if t.log_completions and train_batch is not None:
             self._log_completions(step, batch if batch is not None and len(batch) else train_batch)
@@ -545,7 +712,12 @@ class Trainer:
         last = (batch.response_lengths - 1).clamp(min=0)
         tr[torch.arange(len(batch)), last] = torch.nan_to_num(batch.rewards, nan=0.0)
         batch.token_rewards = (tr - coef * kl) * batch.response_mask
-        ms.masked("kl_reward", kl, batch.response_mask)
+        # token-weighted mean over every real token of the batch, and verl's mean over sequences of the
+        # per-sequence token mean (apply_kl_penalty's current_kl); they differ when lengths differ (issue 10, 7d)
+        m = batch.response_mask
+        n_tok = m.sum(-1)
+        ms.mean("kl_reward/token_mean", (kl * m).sum().item(), m.sum().item())
+        ms.mean("kl_reward/seq_mean", ((kl * m).sum(-1)[n_tok > 0] / n_tok[n_tok > 0]).sum().item(), (n_tok > 0).sum().item())
 
     def _update(self, batch: Optional[Batch], ms: MetricSums) -> bool:
         """PPO epochs x mini-batches x micro-batches.  Returns whether any optimizer step was taken."""
@@ -556,9 +728,14 @@ class Trainer:
             return False
         stepped = False
         trained_tokens = 0.0
+        n_mb, n_steps = self._num_minibatches(S), 0
+        first_rank = 1.0 if self.rank == 0 else 0.0
+        ms.mean("train/minibatches", n_mb * first_rank, first_rank)  # per epoch
+        if n_mb > 1 and not self.score_pass:  # more rows than planned (e.g. replayed experience): old log-probs needed
+            self._score(batch if batch is not None else parts_empty(self.pad_id))
         for epoch in range(t.ppo_epochs):
             perm = torch.randperm(S) if S else torch.zeros(0, dtype=torch.long)
-            chunks = [c.tolist() for c in torch.tensor_split(perm, self.num_minibatches)] if S else [[] for _ in range(self.num_minibatches)]
+            chunks = [c.tolist() for c in torch.tensor_split(perm, n_mb)] if S else [[] for _ in range(n_mb)]
             for mb_rows in chunks:
                 mb = batch.select(mb_rows) if mb_rows else None
                 micro = self._microbatches(mb) if mb is not None else []
@@ -566,7 +743,9 @@ class Trainer:
                 w_all = mb.weights() if mb is not None else None
                 norm = AggNorm(num_tokens=max(self._sum(w_all.sum().item() if mb is not None else 0.0), 1e-8),
                                num_seqs=max(self._sum(float((mb.response_mask.sum(-1) > 0).sum()) if mb is not None else 0.0), 1.0),
-                               max_len=float(self._max_int(mb.response_ids.shape[1] if mb is not None else 0)))
+                               max_len=self.agg_max_len)  # a constant, never the padded width (issue 10, 7b)
+                vnorm = AggNorm(num_tokens=max(self._sum(mb.response_mask.sum().item() if mb is not None else 0.0), 1e-8),
+                                num_seqs=norm.num_seqs, max_len=norm.max_len) if self.critic is not None else None
                 loss_sum, terms = 0.0, {}
                 for k in range(n_micro):
                     if k < len(micro):
@@ -579,15 +758,19 @@ class Trainer:
                         self.policy.set_gradient_accumulation_boundary(k == n_micro - 1)
                     sync = self.acc.no_sync(self.policy) if k < n_micro - 1 else nullcontext()
                     with sync:
-                        loss, mterms = self._micro_loss(sub, norm, ms if scale else None, first=(epoch == 0))
+                        loss, mterms = self._micro_loss(sub, norm, ms if scale else None, first=(epoch == 0), value_norm=vnorm)
                         self.acc.backward(loss * scale * self.world)
                     loss_sum += float(loss.detach()) * scale
                     for key, v in mterms.items():
                         terms[key] = terms.get(key, 0.0) + float(v) * scale
                     if scale:
                         trained_tokens += sub.num_tokens
-                grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+                # with clipping off the norm is still measured (clip at inf): a NaN/inf norm skips the update either way
+                grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
                 gn = float(grad_norm) if grad_norm is not None else 0.0
+                if self.critic is not None:  # the critic's grads (not clipped with the policy's) must be finite too
+                    cn = float(torch.nn.utils.get_total_norm([p.grad for p in self.critic.parameters() if p.grad is not None]))
+                    gn = gn if math.isfinite(cn) else cn
                 if not math.isfinite(gn) or not math.isfinite(loss_sum):
                     self.optimizer.zero_grad(set_to_none=True)
                     ms.mean("train/skipped_nonfinite", 1, 1)
@@ -596,13 +779,24 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 stepped = True
+                n_steps += 1
                 ms.mean("grad_norm", gn, 1)
                 first_rank = 1.0 if self.rank == 0 else 0.0  # sums over ranks, counted once per mini-batch
                 ms.mean("loss/total", loss_sum, first_rank)
                 for key, v in terms.items():
                     ms.mean(f"loss/{key}", v, first_rank)
         ms.total("_trained_tokens", trained_tokens)
+        ms.mean("train/optimizer_steps", n_steps * first_rank, first_rank)
         return stepped
+
+    def _num_minibatches(self, S: int) -> int:
+        """Optimizer steps per epoch for ``S`` local rows.  With ``trainer.samples_per_minibatch`` set it follows the
+        rows actually trained (ceil(S x world / samples_per_minibatch), the max over ranks so collectives stay in
+        step): a filter that adds rows (EFRame replay) adds steps; unset, the whole step is one mini-batch."""
+        mb = self.cfg.trainer.samples_per_minibatch
+        if not mb:
+            return self.num_minibatches
+        return max(1, self._max_int(math.ceil(S * self.world / mb)))
 
     def _dummy_batch(self) -> Batch:
         r = self.train_rows[0]
@@ -610,8 +804,11 @@ class Trainer:
                      group_ids=torch.zeros(1, dtype=torch.long), advantages=torch.zeros(1, 1), token_weights=torch.zeros(1, 1),
                      rollout_logprobs=torch.zeros(1, 1))
 
-    def _micro_loss(self, mb: Batch, norm: AggNorm, ms: Optional[MetricSums], first: bool):
-        """Loss of one micro-batch, already divided by the mini-batch's global normalisers."""
+    def _micro_loss(self, mb: Batch, norm: AggNorm, ms: Optional[MetricSums], first: bool,
+                    value_norm: Optional[AggNorm] = None):
+        """Loss of one micro-batch, already divided by the mini-batch's global normalisers.  ``norm`` counts
+        the token weights the policy terms sum over; ``value_norm`` counts the response mask the value loss
+        sums over (they differ under token weighting)."""
         a = self.cfg.algorithm
         dev = self.acc.device
         need_values = self.critic is not None and mb.returns is not None
@@ -639,6 +836,7 @@ class Trainer:
         if a.entropy_coef:
             e_loss = self.aggregate(ent, w, norm)
             loss = loss - a.entropy_coef * e_loss
+            terms["entropy"] = e_loss.detach()  # logged as loss/entropy (the bonus is -entropy_coef x this)
         fwd = ForwardOutput(logprobs=logp, entropy=ent, hidden=hidden, lm_head=self.unwrapped_lm.get_output_embeddings(),
                             temperature=self.sampling.logprob_temperature, model=self.unwrapped_lm)
         for i, reg in enumerate(self.regularizers):
@@ -653,7 +851,7 @@ class Trainer:
             from .objectives.gae import value_loss
 
             v_mat = value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask, a.critic.cliprange_value)
-            v_loss = self.aggregate(v_mat, mask, norm)
+            v_loss = self.aggregate(v_mat, mask, value_norm if value_norm is not None else norm)
             loss = loss + a.critic.value_loss_coef * v_loss
             terms["value"] = v_loss.detach()
             if ms is not None:
@@ -661,12 +859,19 @@ class Trainer:
         if ms is not None:
             for k, v in pl_metrics.items():
                 self._metric(ms, k, v, mask)
+            for k, how in getattr(self.policy_loss, "metric_extremes", {}).items():  # a micro-batch's fraction
+                if k in pl_metrics and mask.sum() > 0:
+                    frac = float((pl_metrics[k] * mask).sum() / mask.sum())
+                    (ms.min if how == "min" else ms.max)(f"{k}/{how}", frac)
             ms.masked("entropy", ent, mask)
             if first and mb.rollout_logprobs is not None:
                 base = mb.old_logprobs.to(dev) if mb.old_logprobs is not None else logp.detach()
                 gap = (base - mb.rollout_logprobs.to(dev)).abs()
                 fresh = mb.extras.get("rollout_step")  # only rows sampled this step measure the weight sync
                 gmask = mask if fresh is None else mask * (fresh.to(dev) == self.step_idx + 1)[:, None]
+                other_t = mb.extras.get("no_gap_check")  # rows sampled at another temperature than they are scored at
+                if other_t is not None:
+                    gmask = gmask * (~(other_t.to(dev) > 0))[:, None]
                 ms.masked("logprob_gap", gap, gmask, extremes=True)
         return loss, terms
 
@@ -681,13 +886,15 @@ class Trainer:
         if not len(b):
             return
         S = len(b)
-        L = b.response_lengths.float()
+        L = b.response_mask.sum(-1).float()  # policy tokens (multi-turn observation holes excluded)
         ms.total("_gen_tokens", L.sum().item())
         r = b.rewards
         ms.mean("reward/mean", torch.nansum(r).item(), (~torch.isnan(r)).sum().item())
         ms.mean("reward/skipped_frac", torch.isnan(r).sum().item(), S)
+        ms.std("reward/std", r)
         for name, comp in b.reward_components.items():
-            ms.mean(f"reward/{name}", torch.nansum(comp).item(), (~torch.isnan(comp)).sum().item())
+            ms.mean(f"reward/{name}/mean", torch.nansum(comp).item(), (~torch.isnan(comp)).sum().item())
+            ms.std(f"reward/{name}/std", comp)
         acc_key = self.cfg.reward.accuracy_key or (next(iter(b.reward_components)) if b.reward_components else None)
         if acc_key in b.reward_components:
             comp = b.reward_components[acc_key]
@@ -697,15 +904,24 @@ class Trainer:
         ms.max("response_length/max", L.max().item())
         ms.min("response_length/min", L.min().item())
         ms.mean("truncation_rate", b.truncated.float().sum().item(), S)
-        zero, groups = 0, b.group_index()
+        done = ~b.truncated.bool()
+        if done.any():  # responses that ended (EOS / stop string), not cut at max_new_tokens
+            ms.mean("response_length/terminated_mean", L[done].sum().item(), done.sum().item())
+            ms.max("response_length/terminated_max", L[done].max().item())
+            ms.min("response_length/terminated_min", L[done].min().item())
+        P = torch.tensor([float(len(p)) for p in b.prompt_ids])
+        ms.total("_prompt_tokens", P.sum().item())
+        ms.mean("prompt_length/mean", P.sum().item(), S)
+        ms.max("prompt_length/max", P.max().item())
+        ms.min("prompt_length/min", P.min().item())
+        zero, std_sum, groups = 0, 0.0, b.group_index()
         for rows in groups.values():
             g = r[rows]
             g = g[~torch.isnan(g)]
             zero += int(g.numel() == 0 or bool((g == g[0]).all()))
+            std_sum += g.std().item() if g.numel() > 1 else 0.0
         ms.mean("frac_zero_std_groups", zero, len(groups))
-        rs = r[~torch.isnan(r)]
-        if rs.numel() > 1:
-            ms.mean("reward/std", rs.std().item(), 1)
+        ms.mean("reward/group_std_mean", std_sum, len(groups))  # TRL's reward_std: the mean within-group std
 
     def _batch_metrics(self, b: Batch, ms: MetricSums) -> None:
         mask = b.response_mask
@@ -717,15 +933,10 @@ class Trainer:
         ms.mean("train/kept_token_frac", (b.weights() > 0).float().sum().item(), mask.sum().item())
 
     def _check_gap(self, metrics: Dict[str, float]) -> None:
-        gap = metrics.get("logprob_gap/mean")
-        r = self.cfg.rollout
-        if gap is None:
-            return
-        if gap > r.max_logprob_gap_error:
-            raise RuntimeError(f"rollout-vs-trainer log-prob gap {gap:.4f} > rollout.max_logprob_gap_error={r.max_logprob_gap_error}: "
-                               f"weight sync to the {r.engine} engine is broken (the engine samples from stale weights)")
-        if gap > r.max_logprob_gap_warn:
-            log.warning("rollout-vs-trainer log-prob gap %.4f > rollout.max_logprob_gap_warn=%.4f", gap, r.max_logprob_gap_warn)
+        from .rollout.gap import check_logprob_gap
+
+        self._gap_baseline = check_logprob_gap(metrics.get("logprob_gap/mean"), self.cfg.rollout,
+                                               getattr(self, "_gap_baseline", None), self.step_idx)
 
     def _log_completions(self, step: int, b: Batch) -> None:
         from accelerate.utils import gather_object
@@ -740,6 +951,7 @@ class Trainer:
                 "answer": b.info.get("answer", [None] * len(b))[i], "finish_reason": b.info["finish_reason"][i],
                 "length": int(b.response_lengths[i]),
                 "advantage": float(adv[i][b.response_mask[i].bool()].mean()) if adv is not None and b.response_lengths[i] > 0 else None,
+                **({"spans": b.info["spans"][i]} if "spans" in b.info else {}),  # multi-turn: policy / observation spans
             })
         if self.world > 1:
             rows = gather_object(rows)

@@ -61,7 +61,7 @@ def tiny_overrides(tmp_path, **extra):
         "trainer.output_dir": str(tmp_path),
         "trainer.run_name": "t",
         "trainer.progress_bar": False,
-        "trainer.tensorboard": False,
+        "trainer.log_with": "[]",
         "trainer.save_final": False,
     }
     base.update(extra)

@@ -9,7 +9,9 @@ from rlkit.algorithms.d3s import D3SSamples, D3STokens
 from rlkit.config import load_config
 from rlkit.registry import CONTROLLERS, FILTERS, ROLLOUT_STRATEGIES
 from rlkit.trainer import Trainer
-from tests.conftest import launch_recipe, tiny_overrides
+from tests.conftest import REPO, launch_recipe, tiny_overrides
+
+REPO_TESTS = REPO / "tests"
 
 D3S = ["algorithm.filters=[{name: d3s_samples, keep: 0.5}]",
        "algorithm.token_weighting=[{name: d3s_tokens, top_frac: 0.2}]",
@@ -92,3 +94,54 @@ def test_tempo_d3s_uec_recipe_tiny(tmp_path, toy_model_dir):
         assert any(k in r for r in m), k
     r = [x["eframe/main_reward_mean"] for x in m if x.get("eframe/main_reward_mean") is not None]
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4, r
+
+
+# ------------------------------------------------------------- mechanism test (issue 10)
+def test_tempo_tree_credit_and_d3s_selection_act_in_training(tmp_path, echo_rows, monkeypatch):
+    """Trainer-level: TEMPO's advantages are the tree credit (not GRPO's) on rows that share prefixes, and D³S
+    trains only the selected samples and tokens, following its schedule.  Catches (docs/methods/tempo.md, d3s.md):
+    TEMPO's TD term dropped (advantage = GRPO), D³S keeping every sample, D³S keeping every token, a frozen
+    schedule."""
+    from rlkit.algorithms.tempo import TEMPO
+    from tests.test_tempo import reference
+
+    seen = []
+    orig = TEMPO.__call__
+
+    def spy(self, batch):
+        orig(self, batch)
+        m = batch.response_mask.bool()
+        seen.append(([batch.response_ids[i][m[i]].tolist() for i in range(len(batch))], batch.rewards.tolist(),
+                     batch.group_ids.tolist(), batch.advantages.clone()))
+
+    monkeypatch.setattr(TEMPO, "__call__", spy)
+    reward = str(REPO_TESTS / "mechanism_rewards.py") + ":first_early"
+    total = 3
+    cfg = load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": total, "reward.functions": f"[{reward}]"})
+                      + ["algorithm.advantage=tempo"] + D3S)
+    tr = Trainer(cfg, train_rows=echo_rows)
+    tr.train()
+    m = read_metrics(tr.run_dir)
+    assert len(seen) == total
+    tree_rows = 0
+    for seqs, R, G, adv in seen:
+        ref, grpo = reference(seqs, R, G), reference(seqs, R, G, td_coef=0.0)
+        for i, s in enumerate(seqs):
+            torch_adv = adv[i, :len(s)].double()
+            assert torch_adv.tolist() == pytest.approx(ref[i, :len(s)].tolist(), abs=1e-4)
+            if (torch_adv - grpo[i, :len(s)]).abs().max() > 1e-3:
+                tree_rows += 1
+    assert tree_rows >= 4, tree_rows            # the TD term acts on many rows, not by accident on one
+    # D³S: keep / top_frac follow the schedule; the trainer trains exactly the kept samples and ~top_frac tokens
+    S = 4 * 4
+    trained = 0
+    for t, r in enumerate(m):
+        keep, top = 0.5 + 0.5 * t / (total - 1), 0.2 + 0.8 * t / (total - 1)
+        assert r["d3s/keep"] == pytest.approx(keep) and r["d3s/top_frac"] == pytest.approx(top)
+        if "train/samples" not in r:      # no row with signal this step
+            continue
+        trained += 1
+        assert r["train/samples"] == r["d3s/kept_samples"] <= math.floor(keep * S + 0.5)
+        assert r["train/kept_token_frac"] == pytest.approx(r["d3s/kept_token_frac"])
+        assert r["train/kept_token_frac"] <= top + 0.1
+    assert trained >= 2 and m[0]["train/samples"] <= S // 2 and m[0]["train/kept_token_frac"] < 0.3

@@ -244,3 +244,16 @@ def test_schedule_config_validation():
         load_config(base + ["algorithm.controllers=[d3s_schedule]"])
     with pytest.raises(ValueError, match="keep"):
         load_config(base + ["algorithm.filters=[{name: d3s_samples, keep: 1.5}]"])
+
+
+def test_zero_entropy_tokens_fill_the_count():
+    """Issue 10: zero-score tokens are kept when fewer than ceil(K * count) candidates score above 0 (the spec's
+    stable top-ceil(K * count), ties by (row, position)); the docs said "only when K = 1"."""
+    b = make_batch([1, 0], [0, 0], T=4, entropy=[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    b.advantages = torch.tensor([[1.0] * 4, [-1.0] * 4])
+    b.token_weights = torch.ones(2, 4)
+    tokens(top_frac=0.5)(b)                                   # ceil(0.5 * 8) = 4 of 8 candidates
+    assert b.token_weights.tolist() == [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]   # (0,0) + three H = 0 tokens
+    b.token_weights = torch.ones(2, 4)
+    tokens(top_frac=0.5, scope="sequence")(b)                 # 2 per row: row 1 keeps two H = 0 tokens
+    assert b.token_weights.tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]

@@ -92,9 +92,12 @@ def test_eval_cli_writes_json(tmp_path, toy_model_dir):
     p = subprocess.run([sys.executable, "-m", "rlkit", "eval", f"model={model}", f"recipe={REPO}/recipes/quickstart.yaml",
                         "eval.samples_per_prompt=2", "eval.max_prompts=4", "eval.temperature=0.7",
                         f"reward.functions=[{REPO}/rewards/toy.py:echo]", f"data.path={REPO}/recipes/data/echo_train.jsonl",
-                        f"data.eval_path={REPO}/recipes/data/echo_test.jsonl"], capture_output=True, text=True, timeout=300)
+                        f"data.eval_path={REPO}/recipes/data/echo_test.jsonl", f"output_dir={tmp_path}/evals"],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((model / "eval_echo_test.json").read_text())
+    (path,) = (tmp_path / "evals").glob("data_echo_test__gsm8k_n2_t0.7_p4_*.json")   # never into the model folder
+    assert not list(model.glob("eval*"))
+    res = json.loads(path.read_text())["results"]
     assert res["num_prompts"] == 4 and res["samples_per_prompt"] == 2 and "flexible/pass@2" in res
 
 

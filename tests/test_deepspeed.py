@@ -42,7 +42,10 @@ def test_zero_stage_trains_checkpoints_and_resumes(tmp_path, toy_model_dir, stag
     run("trainer.total_steps=3", "trainer.resume=auto")
     m = [json.loads(l) for l in open(tmp_path / "ds" / "metrics.jsonl")]
     assert [r["step"] for r in m] == [1, 2, 3]
-    assert all(r["grad_norm"] > 0 and r["logprob_gap/mean"] < 1e-4 for r in m)
+    assert all(r["logprob_gap/mean"] < 1e-4 for r in m)
+    # every step updates the weights: the second PPO epoch sees a ratio != 1 (DeepSpeed steps inside backward, and
+    # the grad norm it reports is its engine's last computed one, which can read 0 for a step, so it is not the proof)
+    assert all(abs(r["ppo_kl/mean"]) > 0 for r in m) and any(r["grad_norm"] > 0 for r in m)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "ds" / "checkpoints" / "step_3" / "model")

@@ -162,3 +162,28 @@ def test_tiny_recipe_end_to_end(tmp_path):
         assert sum(w) == pytest.approx(1.0) and r["dump/records"] == 16 * 8
     assert m[-1]["dump/count/short"] + m[-1]["dump/count/medium"] + m[-1]["dump/count/long"] == 12 * 16 * 8
     assert m[-1]["reward/mean"] > 0
+
+
+def test_weights_move_towards_the_source_with_signal(tmp_path):
+    """Trainer-level mechanism test (issue 10): one source always scores 0 (|advantage| 0), the other has spread;
+    after training, DUMP's weights and its prompt draws favour the source with signal.  Catches the source weights
+    held uniform (docs/methods/dump.md)."""
+    from rlkit.config import load_config
+    from rlkit.toy import echo_rows
+    from rlkit.trainer import Trainer
+    from tests.conftest import REPO, read_metrics, tiny_overrides
+
+    rows = [dict(r, level="dead" if i % 2 else "live") for i, r in enumerate(echo_rows(64, seed=1))]
+    reward = "[" + str(REPO / "tests" / "mechanism_rewards.py") + ":first_early]"
+    cfg = load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": 3, "reward.functions": reward})
+                      + ["algorithm.prompt_selector={name: dump, source_field: level}"])
+    tr = Trainer(cfg, train_rows=rows)
+    tr.train()
+    m = read_metrics(tr.run_dir)
+    sel = tr.selector
+    assert sel.mean_abs_adv()[sel.sources.index("dead")] == 0.0 < sel.mean_abs_adv()[sel.sources.index("live")]
+    for r in m:      # the weights logged after each update (for the next step's draws)
+        assert r["dump/weight/live"] > r["dump/weight/dead"] + 0.2, r
+    picks = sel.select(len(m) + 1, 400)      # the next draws of the trained curriculum
+    live = sum(rows[i]["level"] == "live" for i in picks)
+    assert live / len(picks) > 0.65, live

@@ -10,7 +10,7 @@ from rlkit.objectives.grpo import GRPO
 from rlkit.plugins import PluginContext, RolloutContext
 from rlkit.rewarding import Rewarder
 from rlkit.rollout.base import Completion, SamplingParams
-from tests.conftest import launch_recipe, tiny_overrides
+from tests.conftest import REPO, launch_recipe, tiny_overrides
 
 A_POS, A_NEG = 1.095443, -0.730295          # spec 1.6: group [1,1,0,0,0]
 EX_POS, EX_NEG = 2.320195, -0.409446        # spec 1.6: 3 of 20 correct
@@ -111,11 +111,14 @@ def test_worked_example_spec_1_6():
     assert len(out) == 15 and len(f.pending) == 3
     assert out.info["prompt"][:8] == ["P1"] * 3 + ["P2"] * 5 and out.info["prompt"][8:] == ["Q6"] * 5 + ["Q7"] * 2
     assert not (out.extras["keep_old_logprobs"] > 0).any()
-    # the trainer re-scores the returned rows in place (rescore_after); replay admission sees those values
+    # spec order: the rows trained at this step enter replay before this step's replay check
+    assert f.metrics()["eframe/replay_admitted"] == 9 and len(f.replay) == 9
+    assert not (f.replay.rows.extras["keep_old_logprobs"] > 0).any()    # provisional until rescored
+    # the trainer re-scores the returned rows in place (rescore_after); the next call stores those values
     out.old_logprobs = torch.full_like(out.response_mask, -0.25) * out.response_mask
     eng.outcomes[(P3, 1.0)] = ["1"] * 5
-    assert f(rollout_and_advantage(strat, [ROWS[2]], rctx)) is None     # step 3 (nothing kept) admits step 2's trained rows
-    assert f.metrics()["eframe/replay_admitted"] == 9
+    assert f(rollout_and_advantage(strat, [ROWS[2]], rctx)) is None     # step 3 (nothing kept)
+    assert f.metrics()["eframe/replay_admitted"] == 0
     rep = f.replay.rows
     # |A| > 1 rows of the trained 15: P1's 3 exploration positives, P2's 2 positives (P2's negatives, |A| = 0.73, stay
     # out) and the positives of Q6 and Q7 among the trained rows
@@ -159,29 +162,38 @@ def test_pending_fifo_cap_and_multiple_of_ibs():
 def test_replay_every_freq_all_if_full_else_random_multiple():
     f = EFRameFilter(EFRameFilter.Params(train_batch_size=2, replay_freq=2, replay_size=3.0), PluginContext())
     assert f.replay.capacity == 6
-    # step 1: 2 rows trained, both |A| > 1 (one negative): both will be replayed later
+    # step 1: 2 rows trained, both |A| > 1 (one negative): they enter replay at once (spec order); not due yet
     out = f(_synthetic(2, [1.5, -1.2], "s1"))
-    assert len(out) == 2 and f.metrics()["eframe/replay_rows"] == 0
+    assert len(out) == 2 and f.metrics()["eframe/replay_rows"] == 0 and f.metrics()["eframe/replay_admitted"] == 2
     out.old_logprobs = torch.full_like(out.old_logprobs, -0.7)   # what the trainer's rescore writes
-    # step 2 (replay due: freq 2): the 2 rows from step 1 entered replay (size 2 >= IBS, not full -> 2 random rows)
+    # step 2 (due: freq 2): s2:1 (A=3) is admitted first -> 3 rows (>= IBS, not full) -> 2 random rows
     out = f(_synthetic(2, [0.5, 3.0], "s2"))
-    assert f.metrics()["eframe/replay_admitted"] == 2 and f.metrics()["eframe/replay_rows"] == 2
-    assert len(out) == 4 and out.info["tag"][:2] == ["s2:0", "s2:1"] and sorted(out.info["tag"][2:]) == ["s1:0", "s1:1"]
-    keep = out.extras["keep_old_logprobs"]
-    assert keep.tolist() == [0, 0, 1, 1]
-    assert torch.all(out.old_logprobs[2:] == -0.7)                       # stored old log-probs ...
-    torch.testing.assert_close(row_advantages(out)[2:].sort().values, torch.tensor([-1.2, 1.5]))   # ... and advantages
+    assert f.metrics()["eframe/replay_admitted"] == 1 and f.metrics()["eframe/replay_rows"] == 2
+    assert len(f.replay) == 3 and f.replay.rows.info["tag"] == ["s1:0", "s1:1", "s2:1"]
+    assert len(out) == 4 and out.info["tag"][:2] == ["s2:0", "s2:1"]
+    replayed = out.info["tag"][2:]
+    assert len(set(replayed)) == 2 and set(replayed) <= {"s1:0", "s1:1", "s2:1"}
+    keep, A = out.extras["keep_old_logprobs"], row_advantages(out)
+    stored_A = {"s1:0": 1.5, "s1:1": -1.2, "s2:1": 3.0}
+    for j, tag in enumerate(replayed):
+        assert float(A[2 + j]) == pytest.approx(stored_A[tag])      # stored advantages
+        if tag.startswith("s1"):                                    # stored old log-probs, kept through the rescore
+            assert keep[2 + j] == 1 and torch.all(out.old_logprobs[2 + j] == -0.7)
+        else:                                # admitted this step: scored now, like its fresh copy
+            assert keep[2 + j] == 0
     assert f.metrics()["eframe/replay_share"] == 0.5
     # steps 3-6: fill the buffer (only |A| > 1 rows of the *trained fresh* rows enter, never replayed ones)
-    f(_synthetic(2, [2.0, 2.0], "s3"))       # admits s2:1 (A=3)
-    f(_synthetic(2, [2.0, 2.0], "s4"))       # admits s3:0, s3:1; replay due, 5 rows -> random 4
-    assert f.metrics()["eframe/replay_rows"] == 4 and len(f.replay) == 5
-    f(_synthetic(2, [2.0, 2.0], "s5"))       # admits s4 -> 7 rows, capacity 6: the oldest dropped
-    assert len(f.replay) == 6 and f.replay.full
+    f(_synthetic(2, [2.0, 2.0], "s3"))       # admits s3:0, s3:1 -> 5 rows; not due
+    assert len(f.replay) == 5 and f.metrics()["eframe/replay_rows"] == 0
+    f(_synthetic(2, [2.0, 2.0], "s4"))       # admits s4 -> 7 rows, capacity 6: the oldest dropped; due and full
+    assert len(f.replay) == 6 and f.replay.full and f.metrics()["eframe/replay_rows"] == 6
     assert f.replay.rows.info["tag"] == ["s1:1", "s2:1", "s3:0", "s3:1", "s4:0", "s4:1"]
-    out = f(_synthetic(2, [0.1, 0.1], "s6"))  # admits s5 (FIFO drops s1:1, s2:1); due and full: the whole buffer
+    f(_synthetic(2, [0.1, 0.1], "s5"))       # nothing admitted; not due
+    out = f(_synthetic(2, [2.5, 0.1], "s6"))  # admits s6:0 (FIFO drops s1:1); due and full: the whole buffer
     assert f.metrics()["eframe/replay_rows"] == 6
-    assert out.info["tag"][2:] == ["s3:0", "s3:1", "s4:0", "s4:1", "s5:0", "s5:1"]
+    assert out.info["tag"][2:] == ["s2:1", "s3:0", "s3:1", "s4:0", "s4:1", "s6:0"]
+    # rows admitted at earlier steps were replaced by their rescored copies at the next call: stored, kept
+    assert f.replay.rows.extras["keep_old_logprobs"].tolist() == [1, 1, 1, 1, 1, 0]
 
 
 def test_filter_and_strategy_state_roundtrip():
@@ -310,6 +322,10 @@ def test_eframe_end_to_end_tiny(tmp_path):
     assert len(updates) >= steps // 3 and all("loss/policy" in r for r in updates)
     assert any(r["eframe/explore_samples"] > 0 for r in m) and any(r["eframe/explore_kept"] > 0 for r in m)
     assert any(r["eframe/replay_rows"] > 0 for r in m)                      # replay mixed in at least once
+    # the profile is sized so the pending FIFO keeps the exploration survivors (issue 10: 289 of 292 were dropped)
+    assert sum(r["eframe/pending_dropped_explore"] for r in m) == 0 and sum(r["eframe/explore_kept"] for r in m) > 0
+    for r in updates:   # samples_per_minibatch 40: the optimizer steps follow the rows trained, replayed rows included
+        assert r["train/optimizer_steps"] == -(-(r["eframe/train_rows"] + r["eframe/replay_rows"]) // 40), r
     for k in ("eframe/filter_rate", "eframe/replay_buffer_rows", "eframe/replay_share", "eframe/hard_frac"):
         assert k in m[-1], k
     r = [x["eframe/main_reward_mean"] for x in m]
@@ -317,3 +333,36 @@ def test_eframe_end_to_end_tiny(tmp_path):
     state = torch.load(run / "checkpoints" / f"step_{steps}" / "rlkit.pt", weights_only=False)["plugins"]
     assert {"pending", "replay", "gen"} <= set(state["filter0"]) and state["filter0"]["replay"]["rows"] is not None
     assert state["strategy"] == {"explore_samples": 20, "explore_temperature": 1.2}
+
+
+# ------------------------------------------------- mechanism (trainer-level)
+def _eframe_trainer(tmp_path, echo_rows, **extra):
+    from rlkit.trainer import Trainer
+
+    over = {"trainer.total_steps": 6, "rollout.samples_per_prompt": 5, "trainer.samples_per_minibatch": 4,
+            "reward.functions": "[" + str(REPO / "rewards" / "toy.py") + ":echo_hit]", "trainer.lr": 2e-2,
+            "trainer.seed": 3, **extra}
+    cfg = load_config(tiny_overrides(tmp_path, **over) + [
+        "rollout.strategy={name: eframe, explore_samples: 8}",
+        "algorithm.filters=[{name: eframe_filter, train_batch_size: 8, pending_capacity: 4.0, replay_size: 1.0, "
+        "replay_freq: 2, drop_truncated_positive: false}]"])
+    return Trainer(cfg, train_rows=echo_rows)
+
+
+def test_mechanism_replay_adds_optimizer_steps(tmp_path, echo_rows):
+    """EFRame's replay acts in training: every second step the replay buffer's rows (whole buffer once full) are
+    trained next to the fresh rows, and with trainer.samples_per_minibatch = 4 each 4 trained rows are one more
+    optimizer step.  Fails when replay is off (no replayed rows) and when the trainer's mini-batch count ignores
+    the rows trained (a replay step gets as many optimizer steps as a fresh-only step)."""
+    tr = _eframe_trainer(tmp_path, echo_rows)
+    ms = [tr.step() for _ in range(6)]
+    replay_steps = [m for m in ms if m.get("eframe/replay_rows", 0) > 0]
+    assert replay_steps, [m.get("eframe/replay_buffer_rows") for m in ms]
+    for m in ms:
+        if m.get("eframe/update", 0) > 0:
+            rows = m["eframe/train_rows"] + m["eframe/replay_rows"]
+            assert m["train/samples"] == rows
+            assert m["train/optimizer_steps"] == -(-rows // 4), m       # ceil(rows / samples_per_minibatch)
+    for m in replay_steps:   # replayed rows add optimizer steps on top of the fresh rows'
+        assert m["train/optimizer_steps"] >= -(-m["eframe/train_rows"] // 4) + m["eframe/replay_rows"] // 4
+    assert sum(m.get("eframe/pending_dropped", 0) for m in ms) == 0

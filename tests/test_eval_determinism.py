@@ -1,5 +1,5 @@
 """Evaluation is deterministic at temperature 0 and seeded otherwise (toy model, HF engine, evaluate_rows);
-results are written next to the checkpoint."""
+results are written into the run (eval/step_N/), never into the checkpoint's model folder."""
 import json
 
 import pytest
@@ -65,15 +65,39 @@ def test_evaluation_leaves_the_global_rng_alone(engine_and_rows):
     assert torch.equal(torch.rand(3), expected)                # training's RNG stream is not perturbed
 
 
-def test_results_json_next_to_the_checkpoint(tmp_path, engine_and_rows):
+def test_results_json_in_the_run_not_the_model_folder(tmp_path, engine_and_rows):
+    from rlkit.evaluation import read_results, results_dir
+
     engine, rows = engine_and_rows
     res = summarize(run(engine, rows, temperature=1.0, n=2))
     model_dir = tmp_path / "checkpoints" / "step_5" / "model"
     model_dir.mkdir(parents=True)
-    path = write_results(res, str(model_dir), "test")
-    assert path == str(model_dir / "eval_test.json")
-    assert json.loads((model_dir / "eval_test.json").read_text()) == pytest.approx(res)
+    out_dir, step = results_dir(str(model_dir), None)
+    assert (out_dir, step) == (str(tmp_path / "eval" / "step_5"), 5)
+    path = write_results(res, out_dir, "test__x", {"model": str(model_dir)})
+    assert path == str(tmp_path / "eval" / "step_5" / "test__x.json") and list(model_dir.iterdir()) == []
+    assert read_results(path) == pytest.approx(res)
     assert {"strict/pass@1", "flexible/pass@2", "strict/maj@2", "format_rate", "num_prompts"} <= set(res)
     from rlkit.report import checkpoint_evals
 
-    assert checkpoint_evals(str(tmp_path)) == [(5, "test", json.loads((model_dir / "eval_test.json").read_text()))]
+    assert checkpoint_evals(str(tmp_path)) == [(5, "test__x", read_results(path))]
+
+
+def test_progress_chunks_sample_what_one_call_samples(engine_and_rows):
+    """The CLI's progress bar feeds the engine one chunk at a time (seed + offset per chunk): the samples are
+    those of one call whose engine chunks the same way.  Mutation check: without the per-chunk seed this fails."""
+    from rlkit.tracking import Progress
+
+    engine, rows = engine_and_rows
+    cfg = EvalConfig(samples_per_prompt=2, temperature=1.0, checker="gsm8k")
+    old = engine.max_batch
+    engine.max_batch = 8                                       # 4 prompts per engine call
+    try:
+        one = evaluate_rows(engine, rows, cfg, max_new_tokens=8, seed=3, raw=True)
+        lines = []
+        prog = Progress(len(rows), "eval", bar=False, unit="prompts", print_fn=lambda *a, **k: lines.append(a[0]))
+        chunked = evaluate_rows(engine, rows, cfg, max_new_tokens=8, seed=3, raw=True, progress=prog, prompts_per_call=4)
+    finally:
+        engine.max_batch = old
+    assert texts(chunked) == texts(one) and chunked == one
+    assert [ln.split(" (")[0] for ln in lines] == ["eval: 4/12 prompts", "eval: 8/12 prompts", "eval: 12/12 prompts"]

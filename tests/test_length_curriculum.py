@@ -109,7 +109,7 @@ def test_tiny_recipe_end_to_end_and_report(tmp_path):
     """As users launch it, then `python -m rlkit report` on the run."""
     m, run = launch_recipe("length_curriculum_gsm8k", tmp_path)
     assert [r["length_budget/budget"] for r in m] == [8, 8, 8, 5, 5, 5, 3, 3, 3, 2, 2, 2]   # int(8 * 0.7 ** (t // 3))
-    assert all("reward/length_budget" in r and "length_budget/length_over_budget" in r for r in m)
+    assert all("reward/length_budget/mean" in r and "length_budget/length_over_budget" in r for r in m)
     comps = [json.loads(line) for line in open(run / "completions.jsonl")]
     assert {c["prompt"].rsplit(" use ", 1)[1] for c in comps if c["step"] == 12} == {"2."}   # budget in the prompt
     short = [c for c in comps if c["step"] == 12 and c["length"] <= 2]
@@ -120,3 +120,16 @@ def test_tiny_recipe_end_to_end_and_report(tmp_path):
     page = (run / "report" / "index.html").read_text()
     assert (run / "report" / "curriculum_length_budget.png").exists() and "curriculum: length budget" in page
     assert "use 2." in page and "id='config'" in page and "length_budget" in page
+
+
+def test_prompt_template_on_a_conversational_prompt():
+    """A chat prompt (TRL's message list) gets the budget in its last user message; text prompts as before."""
+    c = LengthBudgetController(LengthBudgetController.Params(prompt_template="{prompt} ({budget} tokens)"),
+                               PluginContext(total_steps=10))
+    c.budget = 64
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
+    out = c._with_budget(msgs)
+    assert out[3] == {"role": "user", "content": "and 3+3? (64 tokens)"} and out[:3] == msgs[:3]
+    assert msgs[3]["content"] == "and 3+3?"          # the original is not modified
+    assert c._with_budget("2+2?") == "2+2? (64 tokens)"

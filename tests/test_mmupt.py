@@ -101,7 +101,7 @@ def test_rewarder_logs_label_accuracy_and_validates_params():
     res = rw(prompts=[""] * 6, completions=comps, columns={"answer": ["a"] * 3 + ["y"] * 3}, group_ids=[0, 0, 0, 1, 1, 1])
     assert res.rewards.tolist() == [1, 1, 0, 1, 1, 0]
     assert res.components["majority_vote/label_acc"].tolist() == [1, 1, 1, 0, 0, 0]
-    assert res.metrics["reward/majority_vote/label_acc/mean"] == pytest.approx(0.5)
+    assert res.components["majority_vote/label_acc"].nanmean().item() == pytest.approx(0.5)
     assert res.components["majority_vote/gt_acc"].tolist() == [1, 1, 0, 0, 0, 1]
     validate_reward_specs(RewardConfig(functions=[{**spec, "min_vote_share": 0.3, "exclude_none_from_vote": False}]))
     with pytest.raises(ConfigError, match="exclude_none"):
@@ -111,7 +111,41 @@ def test_rewarder_logs_label_accuracy_and_validates_params():
 def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
     m, _ = launch_recipe("mmupt", tmp_path)
     assert len(m) == 16
-    for k in ("reward/majority_vote", "reward/majority_vote/label_acc", "reward/majority_vote/vote_share", "accuracy"):
+    for k in ("reward/majority_vote/mean", "reward/majority_vote/label_acc/mean", "reward/majority_vote/vote_share/mean", "accuracy"):
         assert all(k in r for r in m), k
     r = [x["reward/mean"] for x in m]
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, r      # the policy learns to agree with itself
+
+
+def test_rewards_follow_the_groups_majority_in_training(tmp_path, echo_rows):
+    """Trainer-level mechanism test (issue 10): in every group the rewarded samples are exactly those whose answer
+    is the group's most common answer, so the mean reward equals the logged vote share.  Catches the pseudo-label
+    replaced by a constant or a random answer (docs/methods/mmupt.md)."""
+    import json
+    import os
+    from collections import Counter, defaultdict
+
+    from rlkit.config import load_config
+    from rlkit.trainer import Trainer
+    from tests.conftest import read_metrics, tiny_overrides
+
+    reward = "[{name: majority_vote, extractor: first_char, equivalence: exact}]"
+    tr = Trainer(load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": 2, "reward.functions": reward})),
+                 train_rows=echo_rows)
+    tr.train()
+    m = read_metrics(tr.run_dir)
+    for r in m:
+        assert r["reward/majority_vote/mean"] == pytest.approx(r["reward/majority_vote/vote_share/mean"], abs=1e-6)
+    groups = defaultdict(list)
+    for c in (json.loads(line) for line in open(os.path.join(tr.run_dir, "completions.jsonl"))):
+        groups[(c["step"], c["group"])].append(c)
+    assert len(groups) == 2 * 4
+    split = 0
+    for rows in groups.values():
+        firsts = [c["completion"].strip()[:1] or None for c in rows]
+        top, n_top = Counter(a for a in firsts if a).most_common(1)[0]
+        rewarded = {a for a, c in zip(firsts, rows) if c["reward/majority_vote"] == 1.0}
+        assert sum(c["reward/majority_vote"] for c in rows) == n_top       # the label is a most common answer
+        assert len(rewarded) == 1 and Counter(firsts)[rewarded.pop()] == n_top
+        split += 0 < n_top < len(rows)
+    assert split >= 2       # groups that disagree: the vote decides who is rewarded

@@ -430,3 +430,123 @@ def test_dapo_dynamic_sampling():
     assert DAPODynamicSampling(DAPODynamicSampling.Params(max_refill_rounds=0)).max_refill_rounds == 0
     with pytest.raises(ValueError, match="metric"):
         DAPODynamicSampling.Params(metric="acc")
+
+
+# ------------------------------------------------- issue 10, item 7: numerics vs verl 0.9.1
+def _holes_batch(rewards_last=1.0, values=None):
+    m = torch.tensor([[1.0, 1, 0, 0, 1, 1]])                      # a tool/observation hole at positions 2-3
+    return Batch(prompt_ids=[[1]], response_ids=torch.ones(1, 6, dtype=torch.long), response_mask=m,
+                 group_ids=torch.zeros(1, dtype=torch.long), rewards=torch.tensor([rewards_last]), values=values)
+
+
+def test_reinforce_pp_carries_return_through_masked_holes():
+    from rlkit.objectives.reinforce_pp import discounted_returns
+
+    m = torch.tensor([[1, 1, 0, 0, 1, 1]]).bool()
+    r = torch.tensor([[0.0, 0, 0, 0, 0, 1]], dtype=torch.float64)
+    assert discounted_returns(r, m, 1.0).tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]       # verl 0.9.1 (was [0,0,0,0,1,1])
+    # gamma 0.5: the hole is not a step (no discount across it): 1, 0.5 | hole | 0.25, 0.125
+    assert discounted_returns(r, m, 0.5).tolist() == [[0.125, 0.25, 0.0, 0.0, 0.5, 1.0]]
+    # a reward on a hole position is ignored; padding after the last real token holds nothing
+    r2 = torch.tensor([[0.0, 0, 7, 0, 0, 1, 9]], dtype=torch.float64)
+    m2 = torch.tensor([[1, 1, 0, 0, 1, 1, 0]]).bool()
+    assert discounted_returns(r2, m2, 1.0).tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]]
+    b = _holes_batch()
+    ReinforcePP()(b)
+    assert b.returns.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+
+
+def test_gae_carries_through_masked_holes():
+    # gamma 1, lam 0.5, V = [0.1, 0.2, (9, 9 in the hole), 0.4, 0.5], reward 1 on the last token:
+    # t5: d = 1 - 0.5 = 0.5, A = 0.5;  t4: d = 0.5 - 0.4 = 0.1, A = 0.1 + 0.5 * 0.5 = 0.35
+    # hole: V_next stays 0.4, A stays 0.35;  t1: d = 0.4 - 0.2 = 0.2, A = 0.2 + 0.5 * 0.35 = 0.375
+    # t0: d = 0.2 - 0.1 = 0.1, A = 0.1 + 0.5 * 0.375 = 0.2875;  returns = A + V
+    V = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.4, 0.5]])
+    r = torch.tensor([[0.0, 0, 0, 0, 0, 1]], dtype=torch.float64)
+    adv, ret = gae_advantages(r, V, torch.tensor([[1, 1, 0, 0, 1, 1]]).bool(), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv.float(), torch.tensor([[0.2875, 0.375, 0.0, 0.0, 0.35, 0.5]]), atol=1e-6)
+    assert torch.allclose(ret.float(), torch.tensor([[0.3875, 0.575, 0.0, 0.0, 0.75, 1.0]]), atol=1e-6)
+
+
+def test_dr_grpo_normaliser_is_a_configured_constant():
+    from rlkit.config import ConfigError, load_config
+    from rlkit.objectives.aggregation import norm_max_len
+    from rlkit.plugins import AggNorm
+    from tests.conftest import tiny_overrides
+
+    # sum m*l / (N_seq * L): [1,1] and [2,2,2,2] -> 10 / (2 * 8) = 0.625 with L = 8, whatever the padded width
+    for T in (4, 9):
+        loss, mask = torch.zeros(2, T), torch.zeros(2, T)
+        loss[0, :2], loss[1, :4], mask[0, :2], mask[1, :4] = 1.0, 2.0, 1.0, 1.0
+        assert seq_mean_token_sum_norm(loss, mask, AggNorm(num_tokens=6, num_seqs=2, max_len=8)).item() == 0.625
+    P = seq_mean_token_sum_norm.Params
+    assert norm_max_len(seq_mean_token_sum_norm, P(), 512) == 512.0          # default rollout.max_new_tokens
+    assert norm_max_len(seq_mean_token_sum_norm, P(max_len=4096), 512) == 4096.0
+    assert norm_max_len(token_mean, None, 512) == 512.0
+    with pytest.raises(ConfigError, match="max_len"):
+        load_config(tiny_overrides("/tmp", **{"algorithm.aggregation": "{name: seq_mean_token_sum_norm, max_len: 0}"}))
+
+
+def _trainer_for_losses(tmp_path, echo_rows, **extra):
+    from rlkit.config import load_config
+    from rlkit.trainer import Trainer
+    from tests.conftest import tiny_overrides
+
+    return Trainer(load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": 1, **extra})), train_rows=echo_rows)
+
+
+def test_trainer_agg_norm_max_len_and_value_loss_normaliser(tmp_path, echo_rows):
+    """7b: the Dr.GRPO constant is rollout.max_new_tokens (or the aggregation's max_len), not the mini-batch's
+    longest response.  7c: with token weighting and a critic, the value loss is normalised by the response mask it
+    sums over, not by the token weights."""
+    from rlkit.metrics import MetricSums
+
+    tr = _trainer_for_losses(tmp_path / "b", echo_rows, **{"algorithm.aggregation": "{name: seq_mean_token_sum_norm, max_len: 50}"})
+    assert tr.agg_max_len == 50.0
+    tr = _trainer_for_losses(tmp_path / "c", echo_rows, **{"algorithm.advantage": "gae", "algorithm.aggregation": "token_mean"})
+    assert tr.agg_max_len == 6.0                                          # rollout.max_new_tokens
+    ids = tr.tokenizer("abc:")["input_ids"]
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    b = Batch(prompt_ids=[ids] * 2, response_ids=torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]), response_mask=mask,
+              group_ids=torch.tensor([0, 1]), advantages=torch.zeros(2, 4), old_logprobs=torch.zeros(2, 4),
+              token_weights=torch.tensor([[1.0, 0, 0, 0], [1, 0, 0, 0]]), returns=torch.tensor([[1.0] * 4, [2.0] * 4]) * mask)
+    with torch.no_grad():
+        _, V = tr._forward(tr.policy, b, False, grad=False, values=True)
+    b.old_values = V.float().cpu() * mask
+    ms = MetricSums()
+    tr._update(b, ms)
+    got = ms.reduce()["loss/value"]
+    # 0.5 (V - R)^2 summed over the 6 real tokens, / 6 (the mask count; the token weights sum to 2)
+    exp = float((0.5 * (b.old_values - b.returns) ** 2 * mask).sum() / 6)
+    assert got == pytest.approx(exp, rel=1e-4) and exp > 0
+    # Dr.GRPO in the update: ratio 1 (old = current log-probs), A = 1 on the 6 real tokens, 2 sequences:
+    # loss = -6 / (2 x 6) = -0.5 with L = max_new_tokens = 6 (the padded width 4 would give -0.75)
+    tr.aggregate = seq_mean_token_sum_norm
+    b2 = Batch(prompt_ids=[ids] * 2, response_ids=b.response_ids, response_mask=mask, group_ids=torch.tensor([0, 1]),
+               advantages=mask.clone(), returns=b.returns, old_values=b.old_values)
+    with torch.no_grad():
+        (lp, _, _), _ = tr._forward(tr.policy, b2, False, grad=False)
+    b2.old_logprobs = lp.float().cpu() * mask
+    ms = MetricSums()
+    tr._update(b2, ms)
+    assert ms.reduce()["loss/policy"] == pytest.approx(-0.5, rel=1e-4)
+
+
+def test_kl_in_reward_metrics_token_and_sequence_means():
+    """7d: kl_reward/token_mean weights every token equally; kl_reward/seq_mean is verl's mean over sequences of
+    the per-sequence token mean.  k1 = old - ref: row 0 [2] (1 token), row 1 [1, 1, 1]: token 5/4, seq (2+1)/2."""
+    from types import SimpleNamespace
+
+    from rlkit.metrics import MetricSums
+    from rlkit.trainer import Trainer
+
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    b = Batch(prompt_ids=[[1], [1]], response_ids=torch.ones(2, 3, dtype=torch.long), response_mask=mask,
+              group_ids=torch.tensor([0, 1]), rewards=torch.tensor([1.0, 0.0]),
+              old_logprobs=torch.tensor([[-1.0, 0, 0], [-1, -1, -1]]), ref_logprobs=torch.tensor([[-3.0, 0, 0], [-2, -2, -2]]))
+    fake = SimpleNamespace(cfg=SimpleNamespace(algorithm=SimpleNamespace(kl=SimpleNamespace(coef=0.1))), kl_fn=k1)
+    ms = MetricSums()
+    Trainer._kl_in_reward(fake, b, ms)
+    out = ms.reduce()
+    assert out["kl_reward/token_mean"] == pytest.approx(1.25) and out["kl_reward/seq_mean"] == pytest.approx(1.5)
+    assert torch.allclose(b.token_rewards, torch.tensor([[1.0 - 0.2, 0, 0], [-0.1, -0.1, -0.1]]))

@@ -306,5 +306,12 @@ def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
         assert all(k in r and math.isfinite(r[k]) for r in m), k
     assert all(r["loss/policy"] == 0 for r in m)                # pure distillation
     assert all(r["grad_norm"] > 0 for r in m)                   # and it trains (LoRA adapters)
-    # the toy's initial teacher is a random model, so the echo reward cannot rise here; the divergence to the
-    # fixed teacher stays small and finite (see test_distillation_pulls_student_to_teacher for learning)
+    # Mechanism (issue 10): the recipe's clip 0.05 acts.  The tiny model (toy:tiny-hint) copies a hint, so the
+    # teacher (reading "answer: x ...") is sharp where the student is not: some vocabulary elements exceed the
+    # cap on every step, and the capped objective is below the logged (unclipped) divergence.  Fails with
+    # clip: null (no clip_frac) and when the cap is not applied to the loss (loss == div).
+    clipped = [r for r in m if r["opsd/clip_frac/mean"] > 0]
+    assert len(clipped) >= len(m) // 2, [r["opsd/clip_frac/mean"] for r in m]
+    assert all(r["opsd/loss/mean"] < r["opsd/div/mean"] - 0.1 for r in clipped)
+    div = [r["opsd/div/mean"] for r in m]
+    assert sum(div[-3:]) / 3 < 0.5 * div[0], div                # and the student moves towards the teacher

@@ -179,3 +179,61 @@ def test_e2e_tiny_recipe(tmp_path, toy_model_dir):
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4, r
     # the value model learns: its predictions move from tau = 0.5 towards the (low) empirical success
     assert m[-1]["pcl/selected_pred"] < m[0]["pcl/selected_pred"]
+
+
+# ------------------------------------------------------------ mechanism (trainer-level)
+def _tiers_trainer(tmp_path, *extra):
+    """``recipes/grpo_pcl.yaml profile=tiers`` in-process (rewards/tiers.py: p = 1 / 0 / 0.5 prompts)."""
+    from rlkit.config import load_config
+    from rlkit.trainer import Trainer
+    from tests.conftest import REPO
+
+    cfg = load_config([f"recipe={REPO}/recipes/grpo_pcl.yaml", "profile=tiers", f"data.path={REPO}/recipes/data/tiers_train.jsonl",
+                       f"reward.functions=[{REPO}/rewards/tiers.py:tier_reward]", f"trainer.output_dir={tmp_path}", *extra])
+    return Trainer(cfg)
+
+
+def test_mechanism_curriculum_on_prompts_of_different_difficulty(tmp_path):
+    """rewards/tiers.py: a quarter of the prompts succeed half the time, the rest always (p = 1) or never (p = 0).
+    PCL's value model must learn p(x) from the prompt (explained variance over every prompt vs. its true success
+    rate), and selection must concentrate on the p = 0.5 prompts (tau).  Fails when selection ignores the value
+    model (random selection: a quarter of the chosen prompts are medium, empirical distance to tau ~0.4) and when
+    the head's features are not standardised across prompts (a per-sample LayerNorm: the head learns a bias)."""
+    from rewards.tiers import SUCCESS
+
+    tr = _tiers_trainer(tmp_path)
+    assert tr.cfg.trainer.total_steps == 16
+    chosen = []
+    orig = tr.selector.select
+    tr.selector.select = lambda step, n: (lambda out: (chosen.append(out), out)[1])(orig(step, n))
+    ms = [tr.step() for _ in range(16)]
+    tiers = [r["tier"] for r in tr.train_rows]
+    late = [i for ids in chosen[8:] for i in ids]
+    mid_frac = sum(tiers[i] == "mid" for i in late) / len(late)
+    dist = sum(m["pcl/empirical_dist_to_tau"] for m in ms[8:]) / 8
+    pred = tr.selector.predict(list(range(len(tiers))))
+    p = torch.tensor([SUCCESS[t] for t in tiers])
+    ev = explained_variance(pred, p)
+    assert ev > 0.5, (ev, pred.std())
+    assert mid_frac > 0.5 and dist < 0.3, (mid_frac, dist)          # uniform: 0.25 and ~0.41
+    means = {t: float(pred[[i for i, x in enumerate(tiers) if x == t]].mean()) for t in SUCCESS}
+    assert means["hard"] < means["mid"] < means["easy"], means
+
+
+def test_row_ids_survive_prompt_rewrites(tmp_path, echo_rows):
+    """The length-budget controller rewrites every prompt after bind(); PCL keys prompts by row_id, so the value
+    model still learns (before: no pcl/value_loss, predictions stuck at exactly tau)."""
+    from rlkit.config import load_config
+    from rlkit.trainer import Trainer
+    from tests.conftest import REPO
+
+    cfg = load_config(tiny_overrides(tmp_path, **{"trainer.total_steps": 2, "reward.functions":
+                                                  f"[{REPO}/rewards/toy.py:echo, length_budget]"}) + [
+        "algorithm.prompt_selector={name: pcl, mode: frozen_base, k: 2, head_lr: 0.01}",
+        "algorithm.controllers=[{name: length_budget, initial_budget: 6, period: 1, prompt_template: '{prompt}={budget}'}]"])
+    tr = Trainer(cfg, train_rows=echo_rows)
+    assert [r["row_id"] for r in tr.train_rows] == list(range(len(tr.train_rows)))
+    ms = [tr.step() for _ in range(2)]
+    assert tr.train_rows[0]["prompt"].endswith("=4")                   # rewritten (budget 6 -> 4)
+    assert all("pcl/value_loss" in m and "pcl/unmatched_rows" not in m for m in ms)
+    assert ms[1]["pcl/pool_pred_std"] > 0

@@ -54,7 +54,7 @@ def test_single_run_report(tmp_path):
     assert page.count("src='data:image/png;base64,") == len(list(out.glob("*.png"))) == 10
     assert not re.search(r"(src|href)=['\"]?(https?:|//|[\w./-]+\.(png|css|js))", page)
     # escaping: run content never becomes markup
-    assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "<script" not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # markupsafe's escaping
     assert "<b>bold</b>" not in page and "Q20 &amp; &lt;b&gt;bold&lt;/b&gt;" in page
     # eval table: in-training eval/* (metric x step) and the checkpoint's eval_math500.json
     assert "step 10" in page and "0.4567" in page and "0.5567" in page and "by_level/Level 1/strict/pass@1" in page
@@ -116,3 +116,38 @@ def test_report_of_a_real_tiny_run(tmp_path, echo_rows):
     assert "prompts_per_step: 4" in page and "<td>best</td>" in page
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         main([str(tmp_path / "nope")])
+
+
+def test_report_fixes_issue13(tmp_path):
+    """Per-function reward curves, TRL-named runs, config differences, smoothing, best = worst rows."""
+    from rlkit.report import config_diff, smooth
+
+    assert smooth([1.0, 0.0], 0.5) == pytest.approx([1.0, 1 / 3])  # debiased EMA: (0.5*0.5 + 0) / (1 - 0.25)
+    assert smooth([1.0, 2.0], 0.0) == [1.0, 2.0]
+    a = synthetic_run(tmp_path / "a", steps=4, evil=False)
+    b = synthetic_run(tmp_path / "b", steps=4, evil=False)
+    (b / "config.yaml").write_text("model:\n  name_or_path: toy:tiny\ntrainer:\n  lr: 0.02\n  seed: 3\n")
+    assert config_diff([str(a), str(b)]) == [("note", [EVIL, "(absent)"]), ("trainer.lr", [0.01, 0.02]),
+                                             ("trainer.seed", ["(absent)", 3])]
+    # a run logged with TRL's names only (trainer.metric_names=trl), with per-function rewards
+    rows = [json.loads(line) for line in open(b / "metrics.jsonl")]
+    with open(b / "metrics.jsonl", "w") as f:
+        for r in rows:
+            r["reward"] = r.pop("reward/mean")
+            r["rewards/gsm8k/mean"] = 0.5
+            f.write(json.dumps(r) + "\n")
+    # every completion of step 4 in run a has the same reward
+    comps = [json.loads(line) for line in open(a / "completions.jsonl")]
+    with open(a / "completions.jsonl", "w") as f:
+        for c in comps:
+            c["reward"] = 1.0 if c["step"] == 4 else c["reward"]
+            f.write(json.dumps(c) + "\n")
+    out = write_report([str(a), str(b)], str(tmp_path / "cmp"), completion_steps=2, smoothing=0.6)
+    names = {os.path.basename(p) for p in out["plots"]}
+    assert "reward_per_function.png" in names and "reward.png" in names
+    page = open(out["html"]).read()
+    assert "Config differences" in page and "trainer.seed" in page
+    assert page.count("best = worst (every reward 1)") == 1
+    from rlkit.report import series
+    assert series(read_metrics(str(b)), "reward/mean")[1][0] == pytest.approx(0.12)  # read by TRL's name
+

@@ -73,7 +73,7 @@ def test_majority_vote_spec_example_and_tie():
     group_b = ["\\boxed{2}", "\\boxed{5}", "\\boxed{2}", "\\boxed{5}"]
     res = call(["majority_vote"], group_a + group_b, group_ids=[0] * 10 + [1] * 4)
     assert res.rewards.tolist() == [1, 1, 0, 1, 0, 0, 1, 0, 1, 0] + [1, 0, 1, 0]
-    assert res.metrics["reward/majority_vote/mean"] == pytest.approx(7 / 14)
+    assert res.components["majority_vote"].mean().item() == pytest.approx(7 / 14)
 
 
 def test_majority_vote_equivalent_forms():
@@ -116,8 +116,8 @@ def test_none_is_nan_and_left_out_of_weighted_sum():
     res = call([a, b], ["w", "x", "y", "z"], weights=[1.0, 0.5])
     assert nan_equal(res.components["a"], [1.0, None, None, 0.5])
     assert nan_equal(res.rewards, [2.0, 1.5, None, 0.5])   # all-None sample -> NaN
-    assert res.metrics["reward/a/mean"] == pytest.approx(0.75)
-    assert res.metrics["reward/a/skipped"] == 2 and res.metrics["reward/b/skipped"] == 2
+    assert res.components["a"].nanmean().item() == pytest.approx(0.75)  # the trainer logs this as reward/a/mean
+    assert res.metrics["reward/a/skipped_frac"] == 0.5 and res.metrics["reward/b/skipped_frac"] == 0.5
     assert res.metrics["reward/a/errors"] == 0
 
 
@@ -130,7 +130,7 @@ def test_zero_weight_function_is_logged_only():
 
     res = call([acc, {"name": fmt, "weight": 0.0}], ["a", "b"])
     assert nan_equal(res.rewards, [None, 1.0])
-    assert res.metrics["reward/fmt/mean"] == 1.0
+    assert res.components["fmt"].tolist() == [1.0, 1.0]
 
 
 def test_dict_sub_scores():
@@ -147,7 +147,7 @@ def test_dict_sub_scores():
     assert nan_equal(res.components["dict_of_lists"], [0.5, None])
     assert res.components["dict_of_lists/len"].tolist() == [3.0, 4.0]
     assert res.rewards.tolist() == [1.5, 0.0]
-    assert res.metrics["reward/per_sample/acc/mean"] == 0.5
+    assert res.components["per_sample/acc"].nanmean().item() == 0.5  # logged by the trainer as reward/per_sample/acc/mean
 
 
 def test_user_file_spec(tmp_path, monkeypatch):
@@ -187,14 +187,15 @@ def test_builtins_registered_lazily(monkeypatch):
 
     assert set(BUILTIN_REWARDS) <= set(REWARDS._items)
     assert "math" in repr(REWARDS._items["math_verify"])
-    # validating imports neither the reward modules nor math-verify
+    # validating imports the built-in reward modules (a few ms: stdlib and rlkit.answers; their signatures check
+    # bound params) but never math-verify or sympy (loaded in the math-verify worker processes only)
     for mod in [m for m in sys.modules if m.startswith("rlkit.builtin_rewards.")]:
         monkeypatch.delitem(sys.modules, mod)
     before = set(sys.modules)
     validate_reward_specs(RewardConfig(functions=["math_verify", "majority_vote", "gsm8k_strict",
                                                   {"name": "length_penalty", "max_length": 9, "target_length": 3}]))
     new = set(sys.modules) - before
-    assert not [m for m in new if m.startswith(("rlkit.builtin_rewards.", "math_verify", "sympy"))], new
+    assert not [m for m in new if m.startswith(("math_verify", "sympy"))], new
 
 
 def test_exception_counted_and_run_continues(caplog):
@@ -213,9 +214,9 @@ def test_exception_counted_and_run_continues(caplog):
         res2 = r(["p"] * 2, ["a", "b"], None, {}, [0, 0])
     assert res.rewards.tolist() == [1.0, 1.0] and res2.rewards.tolist() == [1.0, 1.0]
     assert torch.isnan(res.components["broken"]).all()
-    assert res.metrics["reward/broken/errors"] == 1 and res.metrics["reward/broken/skipped"] == 2
+    assert res.metrics["reward/broken/errors"] == 1 and res.metrics["reward/broken/skipped_frac"] == 1.0
     assert r.totals["broken"]["errors"] == 2 and len(calls) == 2
-    warnings = [rec for rec in caplog.records if "broken" in rec.getMessage()]
+    warnings = [rec for rec in caplog.records if "broken" in rec.getMessage() and "cannot be imported" not in rec.getMessage()]
     assert len(warnings) == 1 and "ZeroDivisionError" in warnings[0].getMessage()   # traceback logged once
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlkit.algorithms.spo import (EXTRA_EDGE_ADV, EXTRA_PROMPT_VALUE, EXTRA_TERMINAL, EXTRA_VALUES, SPOProbMask,
-                                  prob_mask_advantages)
+                                  masked_whiten_global, prob_mask_advantages)
 from rlkit.algorithms.spo_chain import SPOChainAdvantage, SPOChainRollout, chain_boundaries, chain_token_advantages
 from rlkit.algorithms.spo_tree import (OnPolicyReplayBuffer, SPOTreeAdvantage, SPOTreeRollout, TreeNode, compute_tree_values,
                                        tree_edge_advantages)
@@ -14,7 +14,7 @@ from rlkit.batch import Batch
 from rlkit.plugins import RolloutContext
 from rlkit.rewarding import RewardResult
 from rlkit.rollout.base import Completion, SamplingParams
-from tests.conftest import launch_recipe, tiny_overrides
+from tests.conftest import REPO, launch_recipe, shared_path, tiny_overrides
 
 P_SPEC = [0.95, 0.5, 0.99, 0.8, 0.97, 0.6, 0.98, 0.7, 0.99, 0.95]
 A_PRE = [0, 0.2, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4]
@@ -61,6 +61,111 @@ def test_chain_spec_example_pre_mask_masked_whitened():
     # loss averages over those 4 tokens only: token_mean with the masked weights
     from rlkit.objectives.aggregation import token_mean
     assert token_mean(torch.ones(1, 10), b.weights()).item() == pytest.approx(1.0)
+
+
+class FakeRanks:
+    """``world`` ranks as threads: ``reduce_for(rank)`` is a cross-rank all-reduce (sum / max) that blocks
+    until every rank has contributed, like ``torch.distributed.all_reduce``."""
+
+    def __init__(self, world):
+        import threading
+
+        self.world, self.barrier, self.slots = world, threading.Barrier(world, timeout=10), {}
+
+    def reduce_for(self, rank):
+        calls = iter(range(10 ** 6))
+
+        def reduce(t, op):
+            k = next(calls)
+            self.slots[k, rank] = t.clone()
+            self.barrier.wait()
+            vals = torch.stack([self.slots[k, r] for r in range(self.world)])
+            self.barrier.wait()
+            return vals.sum(0) if op == "sum" else vals.max(0).values
+        return reduce
+
+    def run(self, fns):
+        import threading
+
+        out, errs = [None] * self.world, []
+
+        def go(r):
+            try:
+                out[r] = fns[r](self.reduce_for(r))
+            except Exception as e:  # pragma: no cover - surfaced below
+                errs.append(e)
+        ts = [threading.Thread(target=go, args=(r,)) for r in range(self.world)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errs, errs
+        return out
+
+
+def test_whitening_is_cross_rank_fake_three_ranks():
+    """The spec's chain example split over ranks: rank 0 holds masked advantages [0.2, 0.2], rank 1 [0.4, 0.4],
+    rank 2 has no rows this step (it joins the collectives through join_empty).  Global whitening = the spec's
+    single-batch numbers (mean 0.3, unbiased std 0.11547 -> -+0.866); per-rank whitening sees all-equal values on
+    each rank and gives zeros."""
+    ps = [[0.95, 0.5, 0.99, 0.8], [0.97, 0.6, 0.98, 0.7]]
+    pre = [[0, 0.2, 0.2, 0.2], [0.4, 0.4, 0.4, 0.4]]
+
+    def rank_batch(r):
+        b = _chain_batch(ps[r], {}, 1.0)
+        b.advantages = torch.tensor([pre[r]])
+        b.token_weights = torch.ones_like(b.response_mask)
+        return b
+
+    def fn(r, scope):
+        def call(reduce):
+            w = SPOProbMask(SPOProbMask.Params(whiten_scope=scope))
+            w.reduce = reduce if scope == "global" else None
+            if r == 2:
+                w.join_empty()
+                return None
+            b = rank_batch(r)
+            w(b)
+            return b
+        return call
+
+    g = FakeRanks(3).run([fn(r, "global") for r in range(3)])
+    assert g[0].advantages[0].tolist() == pytest.approx([0, -0.866025, 0, -0.866025], abs=1e-5)
+    assert g[1].advantages[0].tolist() == pytest.approx([0, 0.866025, 0, 0.866025], abs=1e-5)
+    assert torch.nonzero(g[0].token_weights[0]).flatten().tolist() == [1, 3]
+    for r in (0, 1):                                          # per rank: all-equal masked values -> zeros
+        b = rank_batch(r)
+        SPOProbMask(SPOProbMask.Params(whiten_scope="rank"))(b)
+        assert torch.equal(b.advantages, torch.zeros(1, 4))
+    # one rank holding everything = the single-process result (reduce over one rank is the identity)
+    one = FakeRanks(1).run([lambda red: masked_whiten_global(torch.tensor([A_MASKED], dtype=torch.float64),
+                                                              torch.tensor([[False, True, False, True, False, True, False, True, False, False]]), red)])
+    assert one[0][0, [1, 3, 5, 7]].tolist() == pytest.approx([-0.866025, -0.866025, 0.866025, 0.866025], abs=1e-5)
+
+
+def _gloo_rank(rank, world, init, out_dir):
+    import torch.distributed as dist
+
+    from rlkit.algorithms.spo import dist_reduce
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x = torch.tensor([[0.2, 0.2, 0.0]] if rank == 0 else [[0.4, 0.4, 0.0]], dtype=torch.float64)
+        m = torch.tensor([[True, True, False]])
+        torch.save(masked_whiten_global(x, m, dist_reduce("cpu")), os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whitening_cross_rank_real_gloo_processes(tmp_path):
+    """The same statistics with two real processes joined by gloo (torch.distributed.all_reduce)."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'pg'}"
+    mp.spawn(_gloo_rank, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
+    assert r0[0].tolist() == pytest.approx([-0.866025, -0.866025, 0.0], abs=1e-5)
+    assert r1[0].tolist() == pytest.approx([0.866025, 0.866025, 0.0], abs=1e-5)
 
 
 def test_no_cutpoint_gives_zero_advantages_and_empty_loss_mask():
@@ -405,3 +510,98 @@ def test_spo_chain_recipe_tiny_reward_rises(tmp_path, toy_model_dir):
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
     assert last > first + 0.1, r
     assert all(x["spo/tokens_generated_per_trained_token"] > 1 for x in m)
+
+
+# ----------------------------------------------------- mechanisms on the pretrained stories260K (../shared)
+# On the toy model every sampled token has p < 0.9 (a near-uniform policy), so the probability mask keeps
+# everything; the pretrained TinyStories model is confident on many tokens, which is where the mask acts.
+STORY_PROMPTS = ["Once upon a time, there was a little girl named Lily.", "One day, a boy named Tom went to the park.",
+                 "The sun was shining and the birds were singing.", "There was a big dog who liked to play."]
+
+
+def _story_trainer(tmp_path, **over):
+    from rlkit.config import load_config
+    from rlkit.trainer import Trainer
+
+    model = shared_path("models", "stories260K-hf")
+    base = {"model.name_or_path": str(model), "data.prompt_field": "question", "data.answer_field": "answer",
+            "data.max_prompt_tokens": 32, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 10,
+            "reward.functions": f"[{REPO / 'tests' / 'story_rewards.py'}:the_frac]", "trainer.prompts_per_step": 2,
+            "trainer.total_steps": 2, "trainer.lr": 1e-3, "trainer.output_dir": str(tmp_path), "trainer.run_name": "s",
+            "trainer.progress_bar": False, "trainer.log_with": [], "trainer.save_final": False,
+            "algorithm.aggregation": "token_mean", "algorithm.token_weighting": "[spo_prob_mask]"}
+    base.update(over)
+    rows = [{"question": p, "answer": "the"} for p in STORY_PROMPTS]
+    return Trainer(load_config([f"{k}={v}" for k, v in base.items()]), train_rows=rows)
+
+
+def _spy_updates(tr):
+    """Record the batch of every update (advantages and token weights are final there)."""
+    seen = []
+    orig = tr._update
+
+    def upd(batch, ms):
+        seen.append(batch)
+        return orig(batch, ms)
+
+    tr._update = upd
+    return seen
+
+
+def test_prob_mask_acts_on_pretrained_model_chain(tmp_path):
+    """SPO-chain on stories260K: the trained tokens are exactly those with p < 0.9 (the kept token fraction is
+    below 1), the masked-out tokens carry advantage 0, and the kept advantages are whitened (mean 0, std 1)."""
+    tr = _story_trainer(tmp_path, **{"rollout.strategy": "{name: spo_chain, interval: 1, mc_samples: 2}",
+                                     "algorithm.advantage": "spo_chain"})
+    seen = _spy_updates(tr)
+    fracs = [tr.step()["train/kept_token_frac"] for _ in range(2)]
+    assert all(0 < f < 1 for f in fracs), fracs
+    for b in seen:
+        live = b.response_mask > 0
+        low = live & (torch.exp(b.rollout_logprobs) < 0.9)
+        assert 0 < low.sum() < live.sum()
+        assert torch.equal(b.weights() > 0, low)                       # loss exactly on the p < 0.9 tokens
+        assert (b.advantages[live & ~low] == 0).all()
+        kept = b.advantages[low].double()
+        assert kept.mean().item() == pytest.approx(0.0, abs=1e-5) and kept.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_interval_subsamples_cut_points_on_pretrained_model(tmp_path):
+    """interval = 3 keeps every third cut point of the same rollouts (same seed, same weights at step 1): the
+    boundaries valued by MC are exactly interval-1's boundaries[::3], and fewer states are generated."""
+    got = {}
+    for k in (1, 3):
+        tr = _story_trainer(tmp_path / f"i{k}", **{"rollout.strategy": f"{{name: spo_chain, interval: {k}, mc_samples: 2}}",
+                                                   "algorithm.advantage": "spo_chain", "trainer.total_steps": 1})
+        seen = _spy_updates(tr)
+        m = tr.step()
+        b = seen[0]
+        vals = b.extras[EXTRA_VALUES]
+        bnds = []
+        for s in range(len(b)):
+            c = torch.nonzero(~torch.isnan(vals[s])).flatten().tolist()
+            if not math.isnan(float(b.extras[EXTRA_PROMPT_VALUE][s])):
+                c = [-1] + c
+            bnds.append(c)
+        got[k] = (b.response_ids.tolist(), bnds, m["spo/mc_states"])
+    assert got[1][0] == got[3][0]                                       # the same rollouts
+    assert any(len(c) > 1 for c in got[1][1])
+    assert got[3][1] == [c[::3] for c in got[1][1]]
+    assert got[3][2] < got[1][2]
+
+
+def test_tree_replay_used_on_pretrained_model(tmp_path):
+    """SPO-tree on stories260K: edges left in the buffer are trained at a later step (edges_replayed > 0),
+    with their generation-time log-probs as the PPO old log-probs, and the probability mask acts on edges."""
+    tr = _story_trainer(tmp_path, **{
+        "rollout.strategy": "{name: spo_tree, branching: [3, 3], segment_tokens: 4, replay_edges_per_question: 2}",
+        "algorithm.advantage": "spo_tree", "trainer.total_steps": 3})
+    seen = _spy_updates(tr)
+    ms = [tr.step() for _ in range(3)]
+    assert sum(m["spo/edges_replayed"] for m in ms) > 0, [m["spo/edges_replayed"] for m in ms]
+    assert any(m["train/kept_token_frac"] < 1 for m in ms)
+    old = [b for b in seen if (b.extras["rollout_step"] < b.extras["rollout_step"].max()).any()]
+    assert old
+    for b in old:
+        rep = b.extras["keep_old_logprobs"] > 0
+        assert rep.any() and torch.equal(b.old_logprobs[rep], b.rollout_logprobs[rep])

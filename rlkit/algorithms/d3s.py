@@ -31,7 +31,13 @@ Three plugins that compose with any advantage estimator and policy loss:
   forward pass); keep the top ceil(K * count) tokens (at least 1) pooled over
   the batch (``scope: batch``, [INFERRED] from the paper's notation) or per
   sequence (``scope: sequence``); the others get weight 0.  Ties are broken by
-  (row, position).  Tokens with H = 0 are kept only when K = 1.
+  (row, position).  Zero-score tokens (H = 0 or A = 0) are kept whenever fewer
+  than ceil(K * count) candidates score above 0: the count is filled in
+  (row, position) order, as the spec's pseudocode (stable top-ceil(K * count))
+  defines it; e.g. entropies [[1,0,0,0],[0,0,0,0]] with K = 0.5 keep (0,0) and
+  three zero-entropy tokens (0,1), (0,2), (0,3).  The spec's remark "tokens
+  with H = 0 are never kept unless K = 100%" holds only when enough tokens
+  score above 0.
 
 * ``d3s_schedule`` (Controller) -- the dynamic schedule, linear in training
   progress p in [0, 1]::

@@ -26,9 +26,14 @@ Sec. 1 and ``specs/confirmations.md`` Secs. 4-5.  Three plugins:
     trained; otherwise it returns ``None`` (no update this step).  Every
     ``replay_freq`` steps, if the *replay* buffer holds >= IBS rows, replayed
     rows are mixed into the step's batch: the whole buffer if it is full, else
-    floor(size/IBS)*IBS rows drawn without replacement.  Trained rows with
-    |A| > ``replay_min_abs_adv`` (1, negatives too) enter the replay FIFO
-    (``replay_size`` x IBS rows).  ``rescore_after = True``: the trainer re-runs its
+    floor(size/IBS)*IBS rows drawn without replacement.  The rows trained at step t
+    with |A| > ``replay_min_abs_adv`` (1, negatives too) enter the replay FIFO
+    (``replay_size`` x IBS rows) *before* step t's replay check, as in the spec's
+    order (``ppo_update(train); replay.push(...); if due: ppo_update(replay)``);
+    rlkit trains both in one update, so replayed rows add optimizer steps through
+    the trainer's per-step mini-batch count (``trainer.samples_per_minibatch``).
+    Rows the pending FIFO drops are logged (``eframe/pending_dropped``,
+    ``eframe/pending_dropped_explore``).  ``rescore_after = True``: the trainer re-runs its
     scoring pass on the returned rows (old / ref log-probs at the current weights,
     as the official code does when it trains a pending batch) except on replayed
     rows, which carry ``extras["keep_old_logprobs"] = 1`` and keep the old
@@ -45,7 +50,8 @@ Log-prob temperature of exploration samples (``explore_logprob_temperature``):
   is not importance-corrected (spec 1.4).  The engine's ``rollout_logprobs`` of
   exploration rows are T = 1.2 log-probs, so ``logprob_gap`` includes the
   temperature shift for those rows and ``algorithm.tis_cap`` turns into a
-  truncated T=1/T=1.2 importance weight.
+  truncated T=1/T=1.2 importance weight.  Those rows carry ``extras["no_gap_check"] = 1``
+  so the trainer's weight-sync check (``logprob_gap``) leaves them out.
 * ``"sample"``: each row is scored at the temperature it was sampled at (the
   strategy writes ``extras["logprob_temperature"]``, which the trainer's forward
   honours per row), so exploration rows are trained on-policy for the T = 1.2
@@ -125,6 +131,7 @@ class RowFIFO:
         self.capacity = int(capacity)
         self.pad_id = pad_id
         self.rows: Optional[Batch] = None
+        self.last_dropped: Optional[Batch] = None
 
     def __len__(self) -> int:
         return 0 if self.rows is None else len(self.rows)
@@ -134,13 +141,22 @@ class RowFIFO:
         return len(self) >= self.capacity
 
     def push(self, b: Optional[Batch]) -> int:
-        """Append rows; returns how many of the oldest were dropped."""
+        """Append rows; returns how many of the oldest were dropped (they are kept in ``last_dropped``
+        until the next push, for metrics)."""
         self.rows = concat_rows([self.rows, b], self.pad_id)
+        self.last_dropped = None
         over = len(self) - self.capacity
         if over > 0:
+            self.last_dropped = self.rows.select(range(over))
             self.rows = self.rows.select(range(over, len(self)))
             return over
         return 0
+
+    def drop_newest(self, n: int) -> None:
+        """Remove the ``n`` most recently pushed rows (or all, if fewer are held)."""
+        n = min(int(n), len(self))
+        if n > 0:
+            self.rows = self.rows.select(range(len(self) - n)) if n < len(self) else None
 
     def pop_oldest(self, n: int) -> Optional[Batch]:
         if n <= 0 or self.rows is None:
@@ -240,6 +256,11 @@ class EFRameRollout(SingleRound):
         ex.info["temperature"] = [float(p.explore_temperature)] * E
         if p.explore_logprob_temperature == "sample":
             ex.extras["logprob_temperature"] = torch.full((E,), float(sp.logprob_temperature))
+        # "train": these rows' engine log-probs are T = 1.2 log-probs, scored at T = 1: they say nothing about the
+        # weight sync, so the trainer's rollout-vs-trainer gap check leaves them out
+        other_t = p.explore_logprob_temperature == "train" and float(p.explore_temperature) != float(rctx.sampling.logprob_temperature)
+        ex.extras["no_gap_check"] = torch.full((E,), float(other_t))
+        main.extras["no_gap_check"] = torch.zeros(S)
         er = ex.rewards
         eok = torch.isfinite(er)
         solved = 0
@@ -304,27 +325,47 @@ class EFRameFilter(ExperienceFilter):
         self.calls = 0
         self.since_replay = 0
         self.gen = torch.Generator().manual_seed(int(self.ctx.seed) * 1000 + 7919 * int(self.ctx.rank) + 17)
-        self._trained: Optional[Batch] = None      # last returned batch, admitted to replay on the next call
+        self._trained: Optional[Batch] = None      # last returned batch (the trainer rescores it in place)
         self._n_trained = 0                        # its first rows are the popped pending rows
+        self._admitted_idx: Optional[Tensor] = None  # which of those entered replay (provisionally) this step
         self._metrics: Dict[str, float] = {}
 
     # --------------------------------------------------------------- replay
-    def _admit_trained(self) -> int:
-        """Push the last step's trained (non-replayed) rows with |A| > replay_min_abs_adv into replay.
-        Done lazily so their old log-probs are the ones the trainer computed right before training them."""
-        b, n = self._trained, self._n_trained
-        self._trained, self._n_trained = None, 0
-        if b is None or n == 0 or not self.params.replay:
+    def _admit(self, train: Optional[Batch]) -> int:
+        """Push the rows about to be trained with |A| > replay_min_abs_adv into replay *before* this step's
+        replay check (spec 1.3 order: ``ppo_update(train); replay.push(...); if step % freq == 0: replay``).
+        They enter provisionally (``keep_old_logprobs = 0``: if drawn for replay this very step they are scored
+        at the current weights, which is what their stored old log-probs will be) and are replaced by their
+        rescored copies on the next call (:meth:`_finalize_admitted`)."""
+        self._admitted_idx = None
+        if train is None or not self.params.replay:
             return 0
-        A = row_advantages(b)[:n]
+        A = row_advantages(train)
         idx = torch.nonzero(A.abs() > self.params.replay_min_abs_adv).flatten()
         if not idx.numel():
             return 0
-        rows = b.select(idx)
+        rows = train.select(idx)
         rows.token_weights = None                   # token weighting runs again when the rows are replayed
-        rows.extras["keep_old_logprobs"] = torch.ones(len(rows))
+        rows.extras["keep_old_logprobs"] = torch.zeros(len(rows))
         self.replay.push(rows)
+        self._admitted_idx = idx
         return int(idx.numel())
+
+    def _finalize_admitted(self) -> None:
+        """Replace the rows admitted at the last call by copies taken from the returned batch after the trainer
+        rescored it, so they carry the old (and ref) log-probs computed right before they were first trained."""
+        b, n, idx = self._trained, self._n_trained, self._admitted_idx
+        self._trained, self._n_trained, self._admitted_idx = None, 0, None
+        if b is None or n == 0 or idx is None or not idx.numel():
+            return
+        k = min(int(idx.numel()), len(self.replay))   # a tiny buffer may hold only the newest of them
+        rows = b.select(idx[-k:]) if k else None
+        if rows is None:
+            return
+        rows.token_weights = None
+        rows.extras["keep_old_logprobs"] = torch.ones(len(rows))
+        self.replay.drop_newest(k)
+        self.replay.push(rows)
 
     def _replay_rows(self) -> Optional[Batch]:
         """Rows to replay this step (None when not due or the buffer holds < IBS rows)."""
@@ -344,7 +385,7 @@ class EFRameFilter(ExperienceFilter):
     # ---------------------------------------------------------------- call
     def __call__(self, batch: Batch) -> Optional[Batch]:
         p = self.params
-        admitted = self._admit_trained()
+        self._finalize_admitted()
         self.calls += 1
         A = row_advantages(batch)
         ex = batch.extras.get("explore")
@@ -359,8 +400,11 @@ class EFRameFilter(ExperienceFilter):
         if kept is not None:
             kept.extras["keep_old_logprobs"] = torch.zeros(len(kept))
         overflow = self.pending.push(kept)
+        dropped = self.pending.last_dropped
+        dropped_ex = int((dropped.extras["explore"] > 0.5).sum()) if dropped is not None and "explore" in dropped.extras else 0
         n_train = (len(self.pending) // self.ibs) * self.ibs
         train = self.pending.pop_oldest(n_train)
+        admitted = self._admit(train)               # before the replay check (spec order)
         replay = self._replay_rows()
         out = concat_rows([train, replay], self.pending.pad_id)
         self._trained, self._n_trained = out, (len(train) if train is not None else 0)
@@ -374,6 +418,7 @@ class EFRameFilter(ExperienceFilter):
             "eframe/normal_kept": float((keep & ~explore).sum()), "eframe/explore_kept": float((keep & explore).sum()),
             "eframe/truncated_pos_dropped": float(trunc_pos.sum()),
             "eframe/pending_rows": float(len(self.pending)), "eframe/pending_overflow": float(overflow),
+            "eframe/pending_dropped": float(overflow), "eframe/pending_dropped_explore": float(dropped_ex),
             "eframe/train_rows": float(n_train), "eframe/train_explore_rows": float(te),
             "eframe/replay_buffer_rows": float(len(self.replay)), "eframe/replay_admitted": float(admitted),
             "eframe/replay_rows": float(n_rep), "eframe/replay_share": n_rep / max(len(out) if out is not None else 0, 1),
@@ -392,7 +437,7 @@ class EFRameFilter(ExperienceFilter):
 
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        self._admit_trained()   # the last trained rows (already rescored) go to replay before saving
+        self._finalize_admitted()   # the last admitted rows get their rescored log-probs before saving
         return {"pending": self.pending.state_dict(), "replay": self.replay.state_dict(), "calls": self.calls,
                 "since_replay": self.since_replay, "gen": self.gen.get_state(), "replay_freq": self.params.replay_freq}
 
@@ -403,4 +448,4 @@ class EFRameFilter(ExperienceFilter):
         self.since_replay = int(state["since_replay"])
         self.gen.set_state(state["gen"])
         self.params.replay_freq = int(state.get("replay_freq", self.params.replay_freq))
-        self._trained, self._n_trained = None, 0
+        self._trained, self._n_trained, self._admitted_idx = None, 0, None

@@ -159,12 +159,23 @@ class LengthBudgetController(Controller):
         originals = self._originals.setdefault(id(rows), [r["prompt"] for r in rows])
         over = 0
         for r, o in zip(rows, originals):
-            r["prompt"] = self.params.prompt_template.format(prompt=o, budget=self.budget)
+            r["prompt"] = self._with_budget(o)
             r["prompt_ids"] = encode_prompt(trainer.tokenizer, r["prompt"], d.chat_template, d.system_prompt)
             over += len(r["prompt_ids"]) > d.max_prompt_tokens
         if over:
             log.warning("length_budget: %d prompts are longer than data.max_prompt_tokens=%d with the budget "
                         "instruction (kept)", over, d.max_prompt_tokens)
+
+    def _with_budget(self, prompt: Any) -> Any:
+        """The template applied to a text prompt, or to the last user message of a conversational prompt."""
+        from ..data import is_messages
+
+        if not is_messages(prompt):
+            return self.params.prompt_template.format(prompt=prompt, budget=self.budget)
+        msgs = [dict(m) for m in prompt]
+        last = max([i for i, m in enumerate(msgs) if m["role"] == "user"] or [len(msgs) - 1])
+        msgs[last]["content"] = self.params.prompt_template.format(prompt=msgs[last]["content"], budget=self.budget)
+        return msgs
 
     def after_step(self, trainer: Any, metrics: Dict[str, float]) -> Dict[str, float]:
         out = {"length_budget/budget": float(self.budget)}

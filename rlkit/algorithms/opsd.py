@@ -11,7 +11,9 @@ by the student's own tokens, under ``no_grad``.  At every response position t::
     s_t = softmax(z_student_t / T)          q_t = softmax(z_teacher_t / T)   (T = sampling temperature)
     D_beta = beta KL(q || M) + (1 - beta) KL(s || M),  M = beta q + (1 - beta) s   (TRL GKD convention)
     beta = 0 -> forward KL(q || s);  beta = 1 -> reverse KL(s || q)
-    clip tau_c: each vocabulary element of D is capped at tau_c *before* the vocabulary sum
+    clip tau_c: each vocabulary element of D is capped at tau_c *before* the vocabulary sum, zero gradient
+                above it (the official ``jsd.clamp(max=token_clip)``); with a teacher far from the student
+                this removes the pull towards the teacher's likely tokens (docs/methods/opd.md)
     top_k: both distributions restricted to the teacher's top-k ids and renormalised
     sampled_token: a_t = stopgrad(log q_t(y_t) - log s_t(y_t)),  loss_t = -a_t log s_t(y_t)
 
@@ -39,6 +41,10 @@ Teacher weights (``teacher``):
   before the next teacher pass (and when a checkpoint is written), so it needs no
   trainer hook; fp32 master weights; saved in the checkpoint.
 * ``current``: the current weights, stop-gradient (the README warns it can be unstable).
+
+A different model as the teacher (on-policy distillation, OPD): regularizer ``opd``
+(:mod:`rlkit.algorithms.opd`); ``teacher_path`` here is checked the same way (same tokenizer; the hidden size may
+differ).  ``teacher_template: null`` makes the teacher read the student's own prompt ids.
 
 Pure distillation (OPSD proper): ``algorithm.advantage: zero`` (registered here) makes
 every advantage 0, so the policy-gradient term vanishes and only this regularizer
@@ -207,6 +213,9 @@ class ZeroAdvantage(AdvantageEstimator):
 class OPSD(Regularizer):
     """On-policy self-distillation loss (see the module docstring)."""
 
+    name = "opsd"      # error messages
+    prefix = "opsd"    # metric names
+
     @dataclass
     class Params:
         coef: float = 1.0
@@ -217,7 +226,7 @@ class OPSD(Regularizer):
         teacher: Literal["initial", "ema", "current"] = "initial"
         ema_decay: float = 0.999
         teacher_path: Optional[str] = None      # initial teacher checkpoint (default model.name_or_path; not with LoRA)
-        teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+        teacher_template: Optional[str] = DEFAULT_TEACHER_TEMPLATE   # null: the student's own prompt ids
         chat_template: Optional[bool] = None    # default data.chat_template
         system_prompt: Optional[str] = None     # default data.system_prompt
         teacher_suffix: str = ""                # text appended after the (chat-formatted) teacher prompt, e.g. "<think>\n"
@@ -233,6 +242,14 @@ class OPSD(Regularizer):
                 raise ValueError(f"opsd: ema_decay must be in (0, 1), got {self.ema_decay}")
             if self.loss == "sampled_token" and self.clip is not None:
                 raise ValueError("opsd: clip applies to the full / top_k divergence, not to loss: sampled_token")
+
+    @staticmethod
+    def check_config(cfg, params, key: str) -> None:
+        """A separate teacher (``teacher_path``) must share the student's tokenizer; checked before any model loads."""
+        if params.teacher_path is not None:
+            from .opd import check_teacher_vocabulary
+
+            check_teacher_vocabulary(cfg, params.teacher_path, f"{key}.teacher_path")
 
     def __init__(self, params=None, ctx=None):
         super().__init__(params, ctx)
@@ -251,8 +268,11 @@ class OPSD(Regularizer):
 
     # ------------------------------------------------------------ teacher prompts
     def teacher_prompt_ids(self, batch: Batch) -> List[List[int]]:
-        """Token ids of every row's teacher prompt (cached by text)."""
+        """Token ids of every row's teacher prompt (cached by text); ``teacher_template: null`` = the student's own
+        prompt ids (OPD: the teacher reads what the student read)."""
         p = self.params
+        if p.teacher_template is None:
+            return [list(x) for x in batch.prompt_ids]
         tok = self.ctx.tokenizer
         if tok is None:
             raise ValueError("opsd: no tokenizer in the plugin context")
@@ -298,6 +318,11 @@ class OPSD(Regularizer):
 
     def _load_initial(self, model):
         path = self.params.teacher_path or self.config_value("model", "name_or_path")
+        if self.params.teacher_path and self.ctx is not None and self.ctx.config is not None:
+            from .opd import check_teacher_vocabulary, regularizer_key   # a hub teacher: not checked at config time
+
+            check_teacher_vocabulary(self.ctx.config, self.params.teacher_path,
+                                     regularizer_key(self.ctx.config, self.name, self.params.teacher_path), offline=False)
         if path:
             from ..modeling import load_causal_lm
 
@@ -403,37 +428,49 @@ class OPSD(Regularizer):
         targets = batch.response_ids.to(dev)[rows, cols]
         T = float(fwd.temperature) if not isinstance(fwd.temperature, torch.Tensor) else fwd.temperature
         metrics: Dict[str, Any] = {}
+        P = self.prefix
         if p.loss == "sampled_token":
             t_lp, _ = chunked_logprobs(ht.to(dev), _Head(wt, bt), targets, T, False, self._chunk_size())
             teacher_lp = zeros.detach().clone().index_put((rows, cols), t_lp.float())
             loss, a = sampled_token_loss(inp.logprobs, teacher_lp)
             loss = torch.where(mask, loss, zeros)
             div = torch.where(mask, -a, zeros.detach())
-            metrics.update({"opsd/teacher_logp": torch.where(mask, teacher_lp, zeros.detach()),
-                            "opsd/student_logp": torch.where(mask, inp.logprobs.detach(), zeros.detach())})
+            metrics.update({f"{P}/teacher_logp": torch.where(mask, teacher_lp, zeros.detach()),
+                            f"{P}/student_logp": torch.where(mask, inp.logprobs.detach(), zeros.detach())})
         else:
             if fwd.hidden is None or fwd.lm_head is None:
                 raise ValueError("opsd: needs the student's hidden states and LM head (needs={'hidden'})")
             hs = fwd.hidden[rows, cols]
             head = fwd.lm_head
-            if head.weight.shape != wt.shape:
-                raise ValueError(f"opsd: teacher and student vocabularies differ ({tuple(wt.shape)} vs {tuple(head.weight.shape)})")
+            ws, bs = head.weight, getattr(head, "bias", None)
+            # the hidden sizes may differ (a larger teacher); the vocabularies must not.  Output widths that differ
+            # only by padding rows beyond the tokenizer (e.g. 151936 vs 152064 in one model family) are cut to
+            # the common width: those ids are never sampled.
+            if ws.shape[0] != wt.shape[0]:
+                n_tok = len(self.ctx.tokenizer) if self.ctx.tokenizer is not None else None
+                V = min(ws.shape[0], wt.shape[0])
+                if n_tok is None or V < n_tok:
+                    raise ValueError(f"{self.name}: teacher and student vocabularies differ ({wt.shape[0]} vs {ws.shape[0]} "
+                                     f"output rows, tokenizer {n_tok})")
+                ws, wt = ws[:V], wt[:V]
+                bs = None if bs is None else bs[:V]
+                bt = None if bt is None else bt[:V]
             l, d, frac, t_lp, s_lp = chunked_divergence(
-                hs, ht.to(hs.device), head.weight, wt.to(hs.device), getattr(head, "bias", None),
+                hs, ht.to(hs.device), ws, wt.to(hs.device), bs,
                 None if bt is None else bt.to(hs.device), targets=targets, beta=p.beta, clip=p.clip,
                 top_k=p.top_k if p.loss == "top_k" else 0, temperature=T, chunk_size=self._chunk_size())
             base = torch.zeros(inp.logprobs.shape, dtype=l.dtype, device=dev)
             loss = base.index_put((rows, cols), l)
             div = base.detach().index_put((rows, cols), d)
-            metrics.update({"opsd/teacher_logp": base.detach().index_put((rows, cols), t_lp),
-                            "opsd/student_logp": base.detach().index_put((rows, cols), s_lp)})
+            metrics.update({f"{P}/teacher_logp": base.detach().index_put((rows, cols), t_lp),
+                            f"{P}/student_logp": base.detach().index_put((rows, cols), s_lp)})
             if p.clip is not None:
-                metrics["opsd/clip_frac"] = base.detach().index_put((rows, cols), frac)
-        metrics["opsd/loss"] = loss.detach()
-        metrics["opsd/div"] = div
-        metrics["opsd/teacher_prompt_len"] = float(sum(len(x) for x in prompts) / max(len(prompts), 1))
+                metrics[f"{P}/clip_frac"] = base.detach().index_put((rows, cols), frac)
+        metrics[f"{P}/loss"] = loss.detach()
+        metrics[f"{P}/div"] = div
+        metrics[f"{P}/teacher_prompt_len"] = float(sum(len(x) for x in prompts) / max(len(prompts), 1))
         if p.teacher == "ema":
-            metrics["opsd/ema_steps"] = float(self._ema_steps)
+            metrics[f"{P}/ema_steps"] = float(self._ema_steps)
         return p.coef * loss, metrics
 
     # ------------------------------------------------------------ state

@@ -23,11 +23,13 @@ Two value models (``mode``):
 * ``frozen_base``: a frozen copy of the policy's base checkpoint + the MLP head;
   only the head trains, so prompt features are computed once and cached.
 
-The head is ``LayerNorm -> Linear(H, h) -> tanh -> Linear(h, 1)`` on the last prompt token's
-hidden state (``pooling: last``; or the mean over prompt tokens), followed by a
+The head is ``LayerNorm -> Linear(H, h) -> tanh -> Linear(h, 1)`` on the last prompt
+token's hidden state (``pooling: last``; or the mean over prompt tokens), followed by a
 sigmoid (``output: sigmoid``; ``linear`` for rewards outside [0, 1]).  Its last
 layer starts at zero with the bias set so that every prompt predicts ``tau``: the
 first step is uniform sampling, and the curriculum forms as the value model learns.
+Prompts are identified by their stable ``row_id`` (``Batch.info``), never by their text (a controller
+may rewrite the text after ``bind``).
 [INFERRED] (unconfirmed in the sources): MLP width, sigmoid, lrs, last-token pooling,
 mean-reduced MSE (the sources write the sum; ``loss_reduction: sum``), one update per
 step, fresh uniform pool every step.
@@ -208,16 +210,15 @@ class PCLSelector(PromptSelector):
         self._feat_cache: Dict[int, torch.Tensor] = {}
         self._sel: Dict[int, float] = {}         # dataset index -> prediction at selection time (this step)
         self._sel_metrics: Dict[str, float] = {}
-        self._by_prompt: Dict[str, int] = {}
         self._by_ids: Dict[Tuple[int, ...], int] = {}
 
     # ------------------------------------------------------------ setup
     def bind(self, dataset) -> None:
         super().bind(dataset)
-        self._by_prompt, self._by_ids = {}, {}
+        self._by_ids = {}
         for i, r in enumerate(dataset):
-            if "prompt" in r:
-                self._by_prompt.setdefault(str(r["prompt"]), i)
+            if "row_id" in r and int(r["row_id"]) != i:
+                raise ValueError(f"pcl: dataset row {i} has row_id {r['row_id']}: row ids must be the row positions")
             if "prompt_ids" in r:
                 self._by_ids.setdefault(tuple(r["prompt_ids"]), i)
 
@@ -292,12 +293,12 @@ class PCLSelector(PromptSelector):
         if ids is None:
             row = self.dataset[i]
             if self._own_tokenizer is not None:
-                ids = encode_prompt(self._own_tokenizer, str(row["prompt"]), bool(self.config_value("data", "chat_template", default=False)),
+                ids = encode_prompt(self._own_tokenizer, row["prompt"], bool(self.config_value("data", "chat_template", default=False)),
                                     self.config_value("data", "system_prompt"))
             elif "prompt_ids" in row:
                 ids = list(row["prompt_ids"])
             else:
-                ids = encode_prompt(self.ctx.tokenizer, str(row["prompt"]), bool(self.config_value("data", "chat_template", default=False)),
+                ids = encode_prompt(self.ctx.tokenizer, row["prompt"], bool(self.config_value("data", "chat_template", default=False)),
                                     self.config_value("data", "system_prompt"))
             self._ids_cache[i] = ids
         return ids
@@ -374,9 +375,13 @@ class PCLSelector(PromptSelector):
 
     # ------------------------------------------------------------ update
     def _row_index(self, batch: Batch, r: int) -> Optional[int]:
-        prompts = batch.info.get("prompt")
-        if prompts is not None and prompts[r] is not None and str(prompts[r]) in self._by_prompt:
-            return self._by_prompt[str(prompts[r])]
+        """The dataset row of batch row ``r``: its stable ``row_id`` (``rlkit.data.tokenize_rows``), never the
+        prompt text, which a controller may rewrite after ``bind`` (length_budget's ``prompt_template``).
+        Batches without ``row_id`` (hand-built) fall back to the prompt ids as bound."""
+        ids = batch.info.get("row_id")
+        if ids is not None and ids[r] is not None:
+            i = int(ids[r])
+            return i if 0 <= i < len(self.dataset) else None
         return self._by_ids.get(tuple(batch.prompt_ids[r]))
 
     def _targets(self, batch: Batch) -> Dict[int, Tuple[float, float]]:
@@ -394,12 +399,14 @@ class PCLSelector(PromptSelector):
         if r is None:
             return out
         r = r.detach().float().cpu()
+        self._unmatched = 0
         for row in range(len(batch)):
             x = float(r[row])
             if math.isnan(x):
                 continue
             i = self._row_index(batch, row)
             if i is None:
+                self._unmatched += 1
                 continue
             s, c = out.get(i, (0.0, 0.0))
             out[i] = (s + x, c + 1.0)
@@ -419,8 +426,11 @@ class PCLSelector(PromptSelector):
     def update(self, batch: Batch) -> Dict[str, float]:
         p = self.params
         t0 = time.perf_counter()
+        self._unmatched = 0
         stats = self._gather(self._targets(batch))
         metrics = dict(self._sel_metrics)
+        if self._unmatched:  # rows the value model cannot learn from: say so rather than silently not learn
+            metrics["pcl/unmatched_rows"] = float(self._unmatched)
         sel, self._sel, self._sel_metrics = self._sel, {}, {}
         if not stats:
             return metrics

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Sequence, Tuple
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,21 +71,60 @@ def _require_strategy(cfg, key: str, name: str) -> None:
 
 
 # ------------------------------------------------------------------ probability mask
+Reduce = Callable[[Tensor, str], Tensor]     # (tensor, "sum" | "max") -> the same reduction over all ranks
+
+
+def dist_reduce(device: Any = "cpu") -> Reduce:
+    """A :data:`Reduce` over the default ``torch.distributed`` process group (gloo or NCCL; the tensor
+    travels on ``device``)."""
+    import torch.distributed as dist
+
+    def reduce(t: Tensor, op: str) -> Tensor:
+        x = t.to(device)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return x.to(t.device)
+
+    return reduce
+
+
+def masked_whiten_global(x: Tensor, mask: Tensor, reduce: Optional[Reduce] = None, eps: float = 1e-8) -> Tensor:
+    """:func:`rlkit.objectives._utils.masked_whiten` with the statistics over the masked tokens of *all* ranks
+    (the SPO code's distributed whitening): count and sum, then the sum of squared deviations from the global
+    mean, are all-reduced (two-pass variance, unbiased).  Fewer than two masked tokens in total, or all of
+    them equal (global max == global min), give zeros.  ``reduce=None``: this rank's tokens only."""
+    from ..objectives._utils import masked_whiten
+
+    if reduce is None:
+        return masked_whiten(x, mask, eps)
+    x = x.to(torch.float64)
+    sel = x[mask]
+    zeros = torch.zeros_like(x)
+    big = torch.tensor(float("inf"), dtype=torch.float64)
+    ext = torch.stack([sel.max() if sel.numel() else -big, -sel.min() if sel.numel() else -big])
+    ns = reduce(torch.stack([torch.tensor(float(sel.numel()), dtype=torch.float64), sel.sum()]), "sum")
+    hi, neg_lo = reduce(ext, "max").tolist()
+    n, total = float(ns[0]), ns[1]
+    sq = reduce(((sel - total / max(n, 1.0)) ** 2).sum().reshape(1), "sum")[0]   # every rank joins every call
+    if n < 2 or hi == -neg_lo:
+        return zeros
+    mean, var = total / n, sq / (n - 1)
+    return torch.where(mask, (x - mean) / torch.sqrt(var + eps), zeros)
+
+
 def prob_mask_advantages(advantages: Tensor, logprobs: Tensor, mask: Tensor, rho: float = 0.9,
-                         whiten: bool = True) -> Tuple[Tensor, Tensor]:
+                         whiten: bool = True, reduce: Optional[Reduce] = None) -> Tuple[Tensor, Tensor]:
     """The code's probability mask on one batch.  Returns ``(advantages, loss_mask)``:
     ``loss_mask = mask & (p < rho)``; advantages are set to 0 where ``p > rho`` (the code's ``> 0.9``), then,
     with ``whiten``, whitened with the mean and unbiased std over ``loss_mask`` ((A - mean) / sqrt(var + 1e-8))
-    and 0 outside it.  Fewer than two masked tokens or all-equal masked values give zeros."""
-    from ..objectives._utils import masked_whiten
-
+    and 0 outside it; with ``reduce`` the mean and std are over the masked tokens of all ranks.  Fewer than two
+    masked tokens or all-equal masked values give zeros."""
     m = mask > 0
     p = torch.exp(logprobs.to(torch.float64))
     loss_mask = m & (p < rho)
     a = advantages.to(torch.float64)
     a = torch.where(m & ~(p > rho), a, torch.zeros_like(a))
     if whiten:
-        a = masked_whiten(a, loss_mask)
+        a = masked_whiten_global(a, loss_mask, reduce)
     return a.to(torch.float32), loss_mask
 
 
@@ -95,7 +134,9 @@ class SPOProbMask(TokenWeighting):
 
     Params:
       rho:    threshold (0.9); loss on ``p < rho`` only, advantages zeroed where ``p > rho``.
-      whiten: whiten advantages over the loss-masked tokens of the step's batch (per rank).
+      whiten: whiten advantages over the loss-masked tokens of the step's batch.
+      whiten_scope: ``global`` (default; the code's distributed whitening: mean / std over the masked tokens
+              of every rank's batch, all-reduced) or ``rank`` (this rank's tokens only).
       source: which probabilities: ``rollout`` (default: the engine's log-probs at the rollout temperature,
               the same numbers the chain cut points use; for replayed tree edges they are the generating
               policy's, as in the code) or ``old`` (the trainer's ``old_logprobs``; forces the scoring pass).
@@ -105,17 +146,28 @@ class SPOProbMask(TokenWeighting):
     class Params:
         rho: float = 0.9
         whiten: bool = True
+        whiten_scope: Literal["global", "rank"] = "global"
         source: Literal["rollout", "old"] = "rollout"
 
         def __post_init__(self):
             if not 0.0 < self.rho <= 1.0:
                 raise ValueError(f"spo_prob_mask: rho must be in (0, 1], got {self.rho}")
+            if self.whiten_scope not in ("global", "rank"):
+                raise ValueError(f"spo_prob_mask: whiten_scope must be global or rank, got {self.whiten_scope!r}")
             if self.source not in ("rollout", "old"):
                 raise ValueError(f"spo_prob_mask: source must be rollout or old, got {self.source!r}")
 
     def __init__(self, params=None, ctx=None):
         super().__init__(params, ctx)
         self.needs = frozenset({"old_logprobs"}) if self.params.source == "old" else frozenset()
+        self.reduce: Optional[Reduce] = None           # set when the statistics are cross-rank
+        if self.params.whiten and self.params.whiten_scope == "global" and int(self.ctx.world_size) > 1:
+            self.reduce = dist_reduce(self.ctx.device)
+
+    def join_empty(self) -> None:
+        """A rank with no rows this step still joins the whitening collectives (called by the trainer)."""
+        if self.reduce is not None:
+            masked_whiten_global(torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool), self.reduce)
 
     def __call__(self, batch: Batch) -> None:
         p = self.params
@@ -127,6 +179,6 @@ class SPOProbMask(TokenWeighting):
         if batch.token_weights is None:
             batch.token_weights = torch.ones_like(batch.response_mask)
         live = batch.weights() > 0           # tokens some earlier weighting / sample weight already dropped stay out
-        adv, loss_mask = prob_mask_advantages(batch.advantages, lp, live.float(), p.rho, p.whiten)
+        adv, loss_mask = prob_mask_advantages(batch.advantages, lp, live.float(), p.rho, p.whiten, self.reduce)
         batch.token_weights = batch.token_weights * loss_mask.to(batch.token_weights.dtype)
         batch.advantages = adv * batch.response_mask

@@ -20,13 +20,17 @@ is then the sum of the weights and a sequence's token-mean is its weighted
 mean.  Positions with ``mask == 0`` never contribute, even if the loss holds
 inf/NaN garbage there.
 
-Padding invariance: every mode except ``seq_mean_token_sum_norm`` is invariant
-to extra padding columns by construction; ``seq_mean_token_sum_norm`` divides
-by ``norm.max_len``, so pass a configured constant (e.g. max_new_tokens, as
-TRL's max_completion_length) rather than the padded width.
+Padding invariance: every mode is invariant to extra padding columns.
+``seq_mean_token_sum_norm`` divides by ``norm.max_len``, which the trainer sets
+to a configured constant: ``algorithm.aggregation: {name:
+seq_mean_token_sum_norm, max_len: L}``, default ``rollout.max_new_tokens`` (as
+TRL's ``max_completion_length``), never the longest response of a mini-batch
+(that made the per-token weight vary between mini-batches; issue 10, 7b).
+:func:`make_norm` without ``max_len`` uses the padded width (unit tests only).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -95,3 +99,23 @@ def seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, norm: Optional[AggNorm] 
     gives 2.5, this function 1.25."""
     n = _norm(mask, norm)
     return _masked(loss, mask).sum() / max(float(n.num_seqs) * float(n.max_len), _TINY)
+
+
+@dataclass
+class SumNormParams:
+    """``algorithm.aggregation: {name: seq_mean_token_sum_norm, max_len: L}``."""
+    max_len: Optional[int] = None    # the constant L; None = rollout.max_new_tokens
+
+    def __post_init__(self):
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"seq_mean_token_sum_norm: max_len must be >= 1 or null, got {self.max_len}")
+
+
+seq_mean_token_sum_norm.Params = SumNormParams
+
+
+def norm_max_len(aggregation, params, max_new_tokens: int) -> float:
+    """The constant ``AggNorm.max_len`` for a run: the aggregation's ``max_len`` param if it has
+    one and it is set, else ``rollout.max_new_tokens`` (independent of padding and of the batch)."""
+    v = getattr(params, "max_len", None)
+    return float(v if v is not None else max_new_tokens)

@@ -14,8 +14,10 @@ As verl ``vanilla`` (spec B, Sec. 5.3):
 
 Positions with ``mask == 0`` get log-ratio 0, advantage 0 and loss 0, so
 garbage values in padding never reach the loss or the gradient.  Per-token
-metrics (detached): ``clipfrac`` (L2 > L1), ``ppo_kl`` (old_logp - logp),
-``dual_clip_frac`` (dual-clip bound active), ``ratio``.
+metrics (detached): ``clipfrac`` (L2 > L1: the clip is active, TRL's
+``clip_ratio/region_mean``), ``clip_low`` (rho < 1 - eps_low with A < 0) and
+``clip_high`` (rho > 1 + eps_high with A > 0), as TRL splits them, ``ppo_kl``
+(old_logp - logp), ``dual_clip_frac`` (dual-clip bound active), ``ratio``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def _zero_pad(x: Tensor, valid: Tensor) -> Tensor:
 
 @register_policy_loss("ppo_clip")
 class PPOClip(PolicyLoss):
+    # per-micro-batch fractions whose extremes are logged too (TRL's clip_ratio/low_min, clip_ratio/high_max)
+    metric_extremes = {"clip_low": "min", "clip_high": "max"}
+
     @dataclass
     class Params:
         eps_low: float = 0.2
@@ -76,6 +81,8 @@ class PPOClip(PolicyLoss):
         loss = _zero_pad(loss, valid)
         metrics = {
             "clipfrac": _zero_pad((L2 > L1).float(), valid).detach(),
+            "clip_low": _zero_pad(((ratio < 1.0 - p.eps_low) & (A < 0)).float(), valid).detach(),
+            "clip_high": _zero_pad(((ratio > 1.0 + p.eps_high) & (A > 0)).float(), valid).detach(),
             "ppo_kl": _zero_pad(old - logp.detach(), valid),
             "dual_clip_frac": _zero_pad(dual, valid).detach(),
             "ratio": _zero_pad(ratio.detach(), valid),

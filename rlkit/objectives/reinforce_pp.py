@@ -6,9 +6,12 @@ Large Language Models", Sec. 3: token returns G_t = sum_{s>=t} gamma^{s-t} r_s
 normalisation A = (G - mean) / std over all tokens of the batch.  As verl
 ``reinforce_plus_plus`` / ``reinforce_plus_plus_baseline`` (spec B, Sec. 5.2).
 
-* ``baseline="none"``: G_t = r_t + gamma * G_{t+1}, reset after the last real
-  token, on ``batch.token_rewards`` if set, else the reward placed on the last
-  real token.  ``batch.returns`` = G.
+* ``baseline="none"``: G_t = r_t + gamma * G_{t+1} over real tokens, on
+  ``batch.token_rewards`` if set, else the reward placed on the last real token.
+  Masked holes inside a response (tool / observation tokens) carry the return
+  through (G = 0 on the hole itself, no discount across it), as verl 0.9.1 does
+  (issue 10, 7a); padding after the last real token holds nothing.
+  ``batch.returns`` = G.
 * ``baseline="group_mean"``: A_i = R_i - mean(R_group), broadcast over tokens
   (gamma unused).  Singleton groups and all-equal groups give exactly 0 before
   whitening (verl leaves a singleton at R_i).  ``batch.returns`` = advantages.
@@ -30,13 +33,20 @@ from ._utils import group_moments, masked_whiten, sequence_rewards, token_level_
 
 
 def discounted_returns(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma G_{t+1}, computed backward, reset on masked positions."""
+    """G_t = r_t + gamma G_{t+1} over real tokens, computed backward.
+
+    Masked positions *inside* a sequence (holes: tool / observation tokens) carry the
+    running return through unchanged -- they are not agent steps, so they neither add
+    a reward nor a discount -- and get G = 0 themselves.  Positions after the last real
+    token (padding) hold no return, so nothing leaks backward from them.  Example
+    (gamma = 1): mask [1,1,0,0,1,1], rewards [0,0,0,0,0,1] -> G = [1,1,0,0,1,1]."""
     G = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0]) if r.shape[1] else r.new_zeros(r.shape[0])
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running
+        mt = mask[:, t]
+        cand = r[:, t] + gamma * running
+        running = torch.where(mt, cand, running)
         G[:, t] = running
-        running = torch.where(mask[:, t], running, torch.zeros_like(running))
     return torch.where(mask, G, torch.zeros_like(G))
 
 

@@ -1,8 +1,12 @@
-"""Hugging Face ``generate`` rollout engine (the embedded default; runs anywhere).
+"""Hugging Face rollout engine (the embedded default; runs anywhere).
 
 It samples from the trainer's own model object, so weight sync is a no-op.
 Generation runs under ``torch.no_grad`` with the KV cache, left-padded batches,
-and ``num_return_sequences = n``.  Temperature, top-p and top-k are applied by
+and ``n`` samples per prompt.  Two decode paths (``rollout.engine_args: {decode: ...}``):
+``lean`` (default), rlkit's own loop over the model's forward (:mod:`rlkit.rollout.hf_lean`:
+less per-token overhead, finished rows leave the batch), and ``generate``, HF
+``generate`` with the logits processors below; both record the same log-probs.
+On the ``generate`` path, temperature, top-p and top-k are applied by
 our own logits processors so that the recorded log-prob is exactly the
 engine-wide convention (see :mod:`rlkit.rollout.base`).  Only one ``[B, V]``
 log-prob tensor is alive at a time: each step's processor gathers the previous
@@ -63,7 +67,25 @@ class _TopKTopP:
 class HFEngine(RolloutEngine):
     name = "hf"
 
-    def __init__(self, model, tokenizer, samples_per_generate_call: int = 256, **_):
+    DECODE_MODES = ("lean", "generate")
+    DEFAULTS = {"decode": "lean"}
+
+    @classmethod
+    def check_engine_args(cls, engine_args) -> None:
+        """``rollout.engine_args`` for ``engine: hf``: ``decode: lean | generate`` (run by config validation)."""
+        from ..registry import PluginError, suggest
+
+        unknown = sorted(set(engine_args) - set(cls.DEFAULTS))
+        if unknown:
+            raise PluginError(f"rollout.engine_args: unknown hf engine option(s) {unknown}; known: {sorted(cls.DEFAULTS)}."
+                              + suggest(unknown[0], cls.DEFAULTS))
+        decode = engine_args.get("decode", cls.DEFAULTS["decode"])
+        if decode not in cls.DECODE_MODES:
+            raise PluginError(f"rollout.engine_args.decode={decode!r}: use one of {list(cls.DECODE_MODES)}")
+
+    def __init__(self, model, tokenizer, samples_per_generate_call: int = 256, decode: str = "lean", **_):
+        self.check_engine_args({"decode": decode})
+        self.decode = decode
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max(1, int(samples_per_generate_call))
@@ -93,8 +115,6 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> List[List[Completion]]:
-        from transformers import LogitsProcessorList
-
         if sampling.greedy and n > 1:  # every greedy sample is the same: decode once, copy (HF rejects greedy n > 1)
             return [[row[0]] * n for row in self.generate(prompt_ids, 1, sampling)]
         model = self.model
@@ -112,28 +132,13 @@ class HFEngine(RolloutEngine):
                 for i, p in enumerate(chunk):
                     ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
                     att[i, P - len(p):] = 1
-                rec = _RecordLogprobs(sampling.logprob_temperature, P)
-                procs = LogitsProcessorList([rec])
-                if not sampling.greedy:
-                    procs.append(_TopKTopP(sampling.top_k, sampling.top_p))
-                gen_kwargs = dict(
-                    input_ids=ids.to(device), attention_mask=att.to(device),
-                    max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
-                    do_sample=not sampling.greedy, temperature=None, top_p=None, top_k=None,
-                    logits_processor=procs, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
-                    use_cache=True, return_dict_in_generate=True,
-                )
-                if sampling.stop:
-                    gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-                if self._zero3_sharded(model):  # every rank keeps stepping until all are done (parameter gathers)
-                    gen_kwargs["synced_gpus"] = True
                 if not sampling.greedy and sampling.seed is not None:
                     torch.manual_seed(sampling.seed + start)
-                out = model.generate(**gen_kwargs)
-                seqs = out.sequences
-                rec.collect(seqs)
-                gen = seqs[:, P:].cpu()
-                lps = torch.stack(rec.out, dim=1).cpu() if rec.out else torch.zeros(gen.shape[0], 0)
+                if self._use_lean(model):
+                    gen, lps = self._lean(model, ids.to(device), att.to(device), n, sampling)
+                    gen, lps = gen.cpu(), lps.cpu()
+                else:
+                    gen, lps = self._generate(model, ids.to(device), att.to(device), n, sampling, P)
                 for i in range(len(chunk)):
                     row: List[Completion] = []
                     for j in range(n):
@@ -144,6 +149,50 @@ class HFEngine(RolloutEngine):
             if was_training:
                 model.train()
         return results
+
+    def _use_lean(self, model) -> bool:
+        from .hf_lean import unsupported_generation_setting
+
+        return self.decode == "lean" and not self._zero3_sharded(model) and unsupported_generation_setting(model) is None
+
+    def _lean(self, model, ids, att, n, sampling):
+        from transformers import StopStringCriteria
+
+        from .hf_lean import lean_decode
+
+        trunc = _TopKTopP(sampling.top_k, sampling.top_p)
+        stop = StopStringCriteria(self.tokenizer, list(sampling.stop)) if sampling.stop else None
+        gc = getattr(model, "generation_config", None)
+        return lean_decode(model, ids, att, n, max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.logprob_temperature, greedy=sampling.greedy,
+                           truncate=lambda s: trunc(None, s), eos_ids=self.eos_ids, pad_id=self.pad_id,
+                           stop_criteria=stop, min_new_tokens=int(getattr(gc, "min_new_tokens", None) or 0))
+
+    def _generate(self, model, ids, att, n, sampling, P):
+        """HF ``generate`` with rlkit's logits processors (``decode: generate``)."""
+        from transformers import LogitsProcessorList
+
+        rec = _RecordLogprobs(sampling.logprob_temperature, P)
+        procs = LogitsProcessorList([rec])
+        if not sampling.greedy:
+            procs.append(_TopKTopP(sampling.top_k, sampling.top_p))
+        gen_kwargs = dict(
+            input_ids=ids, attention_mask=att,
+            max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+            do_sample=not sampling.greedy, temperature=None, top_p=None, top_k=None,
+            logits_processor=procs, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+            use_cache=True, return_dict_in_generate=True,
+        )
+        if sampling.stop:
+            gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if self._zero3_sharded(model):  # every rank keeps stepping until all are done (parameter gathers)
+            gen_kwargs["synced_gpus"] = True
+        out = model.generate(**gen_kwargs)
+        seqs = out.sequences
+        rec.collect(seqs)
+        gen = seqs[:, P:].cpu()
+        lps = torch.stack(rec.out, dim=1).cpu() if rec.out else torch.zeros(gen.shape[0], 0)
+        return gen, lps
 
     def _completion(self, toks: torch.Tensor, lps: torch.Tensor, sampling: SamplingParams) -> Completion:
         toks_l = toks.tolist()

@@ -59,9 +59,15 @@ def completions_to_batch(rows: Sequence[Dict[str, Any]], completions: Sequence[S
 def score(batch: Batch, rewarder) -> Dict[str, float]:
     """Run the reward functions on ``batch`` and store rewards / components."""
     columns = {k: v for k, v in batch.info.items() if k not in ("prompt", "completion", "finish_reason")}
+    from ..data import is_messages
+
+    prompts = batch.info.get("prompt", [""] * len(batch))
+    # TRL: a conversational prompt gets its completion as messages, [{"role": "assistant", "content": ...}]
+    completions = [[{"role": "assistant", "content": c}] if is_messages(p) else c
+                   for p, c in zip(prompts, batch.info["completion"])]
     res = rewarder(
-        prompts=batch.info.get("prompt", [""] * len(batch)),
-        completions=batch.info["completion"],
+        prompts=prompts,
+        completions=completions,
         completion_ids=[batch.response_ids[i, : int(n)].tolist() for i, n in enumerate(batch.response_lengths)],
         columns=columns,
         group_ids=batch.group_ids.tolist(),

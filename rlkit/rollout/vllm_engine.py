@@ -225,16 +225,32 @@ class VLLMEngine(RolloutEngine):
         llm_kwargs=None,               # anything else, passed to vllm.LLM as is
     )
 
-    def __init__(self, model, tokenizer, config=None, samples_per_generate_call: int = 256, **engine_args):
-        unknown = sorted(set(engine_args) - set(self.DEFAULTS))
+    @classmethod
+    def check_engine_args(cls, engine_args: Dict[str, Any]) -> None:
+        """Cheap checks of ``rollout.engine_args`` (run by config validation, before any model loads)."""
+        unknown = sorted(set(engine_args) - set(cls.DEFAULTS))
         if unknown:
             from ..registry import suggest
 
-            raise PluginError(f"rollout.engine_args: unknown vllm engine option(s) {unknown}; known: {sorted(self.DEFAULTS)}."
-                              + suggest(unknown[0], self.DEFAULTS))
-        a = {**self.DEFAULTS, **engine_args}
+            raise PluginError(f"rollout.engine_args: unknown vllm engine option(s) {unknown}; known: {sorted(cls.DEFAULTS)}."
+                              + suggest(unknown[0], cls.DEFAULTS))
+        a = {**cls.DEFAULTS, **engine_args}
         if a["logprobs_mode"] not in LOGPROBS_MODES:
             raise PluginError(f"rollout.engine_args.logprobs_mode={a['logprobs_mode']!r}: use one of {LOGPROBS_MODES}")
+
+    @classmethod
+    def preflight(cls, config, model_config) -> None:
+        """Checks that need vLLM or the model's config but no weights (the trainer runs them before loading the model):
+        vLLM importable and of a supported version; on CPU, an attention head size vLLM's CPU backend supports."""
+        from .vllm_adapter import import_vllm
+
+        import_vllm()
+        if platform_device() == "cpu":
+            cls._check_cpu_head_size(model_config)
+
+    def __init__(self, model, tokenizer, config=None, samples_per_generate_call: int = 256, **engine_args):
+        self.check_engine_args(engine_args)
+        a = {**self.DEFAULTS, **engine_args}
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = config
@@ -279,13 +295,19 @@ class VLLMEngine(RolloutEngine):
         kv = a["kv_cache_memory_bytes"] if a["kv_cache_memory_bytes"] is not None else (None if cuda else 64 << 20)
         self.sleep_enabled = bool(cuda if a["enable_sleep_mode"] is None else a["enable_sleep_mode"])
         t0 = time.perf_counter()
-        self.adapter = VLLMAdapter(
-            model_path, dtype=dtype, seed=seed, tensor_parallel_size=tp, executor=executor, gpu_memory_utilization=util,
-            kv_cache_memory_bytes=kv, max_model_len=a["max_model_len"] or self._max_model_len(model, config),
-            enforce_eager=(not cuda) if a["enforce_eager"] is None else bool(a["enforce_eager"]),
-            enable_sleep_mode=self.sleep_enabled, logprobs_mode=mode,
-            trust_remote_code=bool(getattr(getattr(config, "model", None), "trust_remote_code", False)),
-            tokenizer=a["tokenizer_path"] or self._tokenizer_path(config, model_path), llm_kwargs=a["llm_kwargs"])
+        try:
+            self.adapter = VLLMAdapter(
+                model_path, dtype=dtype, seed=seed, tensor_parallel_size=tp, executor=executor, gpu_memory_utilization=util,
+                kv_cache_memory_bytes=kv, max_model_len=a["max_model_len"] or self._max_model_len(model, config),
+                enforce_eager=(not cuda) if a["enforce_eager"] is None else bool(a["enforce_eager"]),
+                enable_sleep_mode=self.sleep_enabled, logprobs_mode=mode,
+                trust_remote_code=bool(getattr(getattr(config, "model", None), "trust_remote_code", False)),
+                tokenizer=a["tokenizer_path"] or self._tokenizer_path(config, model_path), llm_kwargs=a["llm_kwargs"])
+        except (ValueError, TypeError) as e:  # vLLM's own argument checks (llm_kwargs, max_model_len, memory): one line
+            from ..errors import VLLMSetupError
+
+            raise VLLMSetupError(f"vLLM did not start ({type(e).__name__}: {' '.join(str(e).split())[:500]}); "
+                                 f"check rollout.engine_args (docs/vllm.md)") from e
         self.startup_s = time.perf_counter() - t0
         self.engine_dtype = getattr(torch, dtype, None) if dtype != "auto" else None
         self._weights_asleep = self._kv_asleep = False
@@ -319,10 +341,11 @@ class VLLMEngine(RolloutEngine):
 
     @staticmethod
     def _check_cpu_head_size(model) -> None:
+        """``model``: a model, or its config (``PretrainedConfig``)."""
         from .vllm_adapter import cpu_attention_head_sizes
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        c = getattr(base, "config", None)
+        c = getattr(base, "config", None) if not hasattr(base, "num_attention_heads") else base
         if c is None or not getattr(c, "num_attention_heads", None):
             return
         head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
