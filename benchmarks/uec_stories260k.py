@@ -52,7 +52,8 @@ def overrides(mode: str, model: Path = MODEL, out_dir: str = "", **kw) -> List[s
     if mode == "uec":
         ov["algorithm.controllers"] = (f"[{{name: uec, relative: true, entropy_low: {a['low']}, entropy_high: {a['high']}, "
                                        f"ema: {a['ema']}, entropy_coef_step: {a['coef_step']}, entropy_coef_min: 0.0, "
-                                       f"entropy_coef_max: {a['coef_max']}, entropy_coef_gain: {a['coef_gain']}, keep_zero_adv_below: {str(a['keep_zero_adv']).lower()}, "
+                                       f"entropy_coef_max: {a['coef_max']}, entropy_coef_gain: {a['coef_gain']}, "
+                                       f"keep_zero_adv_below: {str(a['keep_zero_adv']).lower()}, "
                                        f"probe_samples: 0}}]")
     return [f"{k}={v}" for k, v in ov.items()]
 
@@ -116,7 +117,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {vars(args)}")
     t0 = time.time()
     rows = run(args.mode, args.steps, lr=args.lr, low=args.low, high=args.high, ema=args.ema, explore=args.explore,
-               coef_step=args.coef_step, coef_max=args.coef_max, new_tokens=args.new_tokens, seed=args.seed, keep_zero_adv=args.keep_zero_adv, coef_gain=args.coef_gain,
+               coef_step=args.coef_step, coef_max=args.coef_max, new_tokens=args.new_tokens, seed=args.seed,
+               keep_zero_adv=args.keep_zero_adv, coef_gain=args.coef_gain,
                keep_truncated_positive=not args.drop_truncated_positive)
     trace = [r["eframe/rollout_entropy"] for r in rows]
     s = smoothed(trace, args.ema)

@@ -119,21 +119,15 @@ def _get_pool():
         return _pool
 
 
-def _stop(pool) -> None:
-    try:
-        pool.stop()
-        pool.join(timeout=10)
-    except Exception:  # noqa: BLE001 - already broken
-        pass
-
-
 def shutdown() -> None:
     """Stop the worker processes (called at exit; the next check starts a new pool)."""
     global _pool
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        _stop(pool)
+        from .reward_pool import stop_pool
+
+        stop_pool(pool)
 
 
 atexit.register(shutdown)

@@ -120,6 +120,13 @@ def _import_file(path: str):
     # the prefix rlkit.reward_pool.reference() knows: a reward registered here is re-loaded from this file in the
     # reward worker processes (spawned: they cannot import a module that only exists in this process)
     name = f"rlkit_user_reward_import_{re.sub(r'[^0-9A-Za-z_]', '_', stem)}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    mod = exec_file_as_module(name, path)
+    _imported[path] = mod
+    return mod
+
+
+def exec_file_as_module(name: str, path: str):
+    """Import the Python file ``path`` as module ``name`` (registered in ``sys.modules``, removed again if it fails)."""
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"not a Python file: {path}")
@@ -130,7 +137,6 @@ def _import_file(path: str):
     except BaseException:
         sys.modules.pop(name, None)
         raise
-    _imported[path] = mod
     return mod
 
 

@@ -198,7 +198,7 @@ def _get_pool(refs: frozenset):
         if _pool is not None and refs <= _pool_refs and _pool.active:
             return _pool
         if _pool is not None:
-            _stop(_pool)
+            stop_pool(_pool)
             if len(_pool_refs) < 64:  # keep what the last pool preloaded: rewarders alternating in one process
                 refs = refs | _pool_refs  # (e.g. a test session) then restart the pool at most once each
         _pool = pebble.ProcessPool(max_workers=POOL_SIZE, initializer=exec, initargs=(_boot_code(refs), {}),
@@ -213,7 +213,8 @@ def start(refs: frozenset) -> None:
     _get_pool(frozenset(refs))
 
 
-def _stop(pool) -> None:
+def stop_pool(pool) -> None:
+    """Stop a pebble pool and wait for its workers (also used by rlkit.mathverify)."""
     try:
         pool.stop()
         pool.join(timeout=10)
@@ -226,7 +227,7 @@ def _restart(pool) -> None:
     with _lock:
         if _pool is pool:
             _pool = None
-    _stop(pool)
+    stop_pool(pool)
 
 
 def shutdown() -> None:
@@ -235,7 +236,7 @@ def shutdown() -> None:
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        _stop(pool)
+        stop_pool(pool)
 
 
 import atexit  # noqa: E402

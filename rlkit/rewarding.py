@@ -148,14 +148,9 @@ def _load_file_module(path: str):
     modname = f"rlkit_user_reward_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
     mod = sys.modules.get(modname)
     if mod is None:
-        spec = importlib.util.spec_from_file_location(modname, full)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(modname, None)
-            raise
+        from .overrides import exec_file_as_module
+
+        mod = exec_file_as_module(modname, full)
     return mod
 
 

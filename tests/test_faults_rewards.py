@@ -94,11 +94,25 @@ def _call(rewarder, n=2):
                     completion_ids=[[1, 2], [3]][:n], columns={"answer": [str(i + 1) for i in range(n)]})
 
 
+@pytest.fixture(autouse=True)
+def _children_before():
+    """Child processes that other tests of the session left running (e.g. an engine's workers): not ours to judge."""
+    global _OLD_CHILDREN
+    _OLD_CHILDREN = {c.pid for c in psutil.Process().children(recursive=True)}
+    yield
+
+
+_OLD_CHILDREN: set = set()
+
+
 def _spinning_children(window_s=1.0):
-    """Child processes that burn CPU over ``window_s`` (a spinning busy loop gets most of a core)."""
+    """Child processes started by this test that burn CPU over ``window_s`` (a spinning busy loop gets most of a
+    core)."""
     me = psutil.Process()
     before = {}
     for c in me.children(recursive=True):
+        if c.pid in _OLD_CHILDREN:
+            continue
         try:
             before[c.pid] = sum(c.cpu_times()[:2])
         except psutil.Error:
@@ -106,6 +120,8 @@ def _spinning_children(window_s=1.0):
     time.sleep(window_s)
     out = []
     for c in me.children(recursive=True):
+        if c.pid in _OLD_CHILDREN:
+            continue
         try:
             used = sum(c.cpu_times()[:2]) - before.get(c.pid, 0.0)
         except psutil.Error:

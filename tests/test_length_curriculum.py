@@ -110,8 +110,13 @@ def test_tiny_recipe_end_to_end_and_report(tmp_path):
     m, run = launch_recipe("length_curriculum_gsm8k", tmp_path)
     assert [r["length_budget/budget"] for r in m] == [8, 8, 8, 5, 5, 5, 3, 3, 3, 2, 2, 2]   # int(8 * 0.7 ** (t // 3))
     assert all("reward/length_budget/mean" in r and "length_budget/length_over_budget" in r for r in m)
+    for r in m:      # the metric reacts to the budget: mean length over the running step's budget
+        assert r["length_budget/length_over_budget"] == pytest.approx(r["response_length/mean"] / r["length_budget/budget"])
     comps = [json.loads(line) for line in open(run / "completions.jsonl")]
     assert {c["prompt"].rsplit(" use ", 1)[1] for c in comps if c["step"] == 12} == {"2."}   # budget in the prompt
+    budget = {r["step"]: r["length_budget/budget"] for r in m}
+    for c in comps:   # every step's reward uses that step's budget (not only the logged metric)
+        assert c["reward/length_budget"] == pytest.approx(triangular_length_reward(c["length"], budget[c["step"]])), c
     short = [c for c in comps if c["step"] == 12 and c["length"] <= 2]
     assert all(c["reward/length_budget"] == pytest.approx(c["length"] / 2) for c in short)
     p = subprocess.run([sys.executable, "-m", "rlkit", "report", str(run)], cwd=REPO, capture_output=True,

@@ -86,7 +86,7 @@ class UEC(Controller):
         entropy_coef_step: float = 0.0
         entropy_coef_min: float = 0.0
         entropy_coef_max: float = 0.0
-        entropy_coef_gain: float = 0.0      # > 0: proportional law instead of steps (see decide)
+        entropy_coef_gain: float = 0.0      # > 0: proportional law instead of steps (the knob still needs entropy_coef_step > 0)
         # below the band, eframe_filter also keeps zero-advantage rows (min_abs_adv -> -1) so the entropy bonus
         # reaches a collapsed policy whose groups all have equal rewards [INFERRED]; restored otherwise
         keep_zero_adv_below: bool = False

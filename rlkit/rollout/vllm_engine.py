@@ -303,7 +303,8 @@ class VLLMEngine(RolloutEngine):
                 enable_sleep_mode=self.sleep_enabled, logprobs_mode=mode,
                 trust_remote_code=bool(getattr(getattr(config, "model", None), "trust_remote_code", False)),
                 tokenizer=a["tokenizer_path"] or self._tokenizer_path(config, model_path), llm_kwargs=a["llm_kwargs"])
-        except (ValueError, TypeError) as e:  # vLLM's own argument checks (llm_kwargs, max_model_len, memory): one line
+        except (ValueError, TypeError, RuntimeError) as e:  # vLLM's own checks (llm_kwargs, max_model_len, memory,
+            # a KV cache too small for max_model_len: its engine-core process fails with RuntimeError): one line
             from ..errors import VLLMSetupError
 
             raise VLLMSetupError(f"vLLM did not start ({type(e).__name__}: {' '.join(str(e).split())[:500]}); "
