@@ -120,6 +120,8 @@ def _load_rows(path: Any, name: Optional[str] = None, split: str = "train", max_
     else:
         if not path:
             raise DataError("data.path is empty: give a hub dataset name or a local .jsonl/.json/.parquet file")
+        if os.path.isfile(path) and not path.endswith((".jsonl", ".json", ".parquet")):
+            raise DataError(f"{path}: unsupported data file type; give a .jsonl, .json or .parquet file (or a hub dataset name)")
         if _is_local(path):
             if not os.path.exists(path):
                 raise DataError(f"{path}: data file not found (relative to {os.getcwd()})")

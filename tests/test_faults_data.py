@@ -136,3 +136,9 @@ def test_answer_that_nothing_can_match_is_rejected(tmp_path, answer, extraction,
     p = _write(tmp_path, "d.jsonl", _jsonl(rows))
     with pytest.raises(DataError, match=match):
         load_prompts(DataConfig(path=p, answer_extraction=extraction))
+
+
+def test_existing_file_of_another_type_is_named_not_sent_to_the_hub(tmp_path):
+    p = _write(tmp_path, "notes.md", b"# not data\n")
+    with pytest.raises(DataError, match=r"notes.md: unsupported data file type"):
+        _load(p)
