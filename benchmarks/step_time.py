@@ -2,6 +2,7 @@
 """Seconds per GRPO step, split by stage: rlkit, and TRL's ``GRPOTrainer`` on the same workload when ``trl`` is installed.
 
     python benchmarks/step_time.py --steps 10 --warmup 2 [--threads 1] [--clock wall|cpu] [--json OUT] [--no-trl]
+                                   [--no-k1] [--reward-isolation process|thread|none]
 
 The workload is fixed: 8 prompts x 8 samples = 64 completions per step, exactly 32 new tokens each
 (``min_new_tokens = max_new_tokens = 32`` in the model's generation config, so no completion stops at EOS),
@@ -26,6 +27,15 @@ inside its methods ``_generate`` (rollout), ``_calculate_rewards`` (reward), ``_
 minus those two (advantage: padding, advantages, metric gathers), ``training_step`` minus ``_prepare_inputs``
 plus ``_clip_grad_norm`` plus ``optimizer.step`` (train); TRL has no separate scoring pass or weight sync in
 this setting.  ``other`` is the step minus the named stages.
+
+The ``k=1`` column (``--no-k1`` skips it; needs ``rollout.max_staleness``): the same rlkit workload with
+``rollout.max_staleness=1`` and one local rollout worker process (``--threads`` threads for the trainer, the worker's
+threads as rlkit/rollout/workers.py splits the cores: 1 + 1 on 2 cores).  It runs after the interleaved phase, on its
+own (interleaved, the worker's background generation would run inside TRL's timed step), and then rlkit k=0 once more
+on its own (``k=0 seq``) as a check on load drift.  At k=1 ``rollout`` and ``reward`` are the worker's time, overlapped
+with the step, and the trainer's own stages are ``wait_for_rollout`` and ``weight_transfer``.  Because the worker's
+CPU time is not in the trainer's process, the script also reads it (psutil, children of this process) and prints
+the larger of the two per-step CPU times: what a k=1 step takes on idle cores.  ``--clock cpu`` skips the column.
 """
 from __future__ import annotations
 
@@ -49,7 +59,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 32
-STAGES = ["rollout", "reward", "score", "advantage", "train", "weight_sync", "other"]
+STAGES = ["rollout", "reward", "score", "advantage", "train", "weight_sync", "wait_for_rollout", "weight_transfer", "other"]
+WORKER_STAGES = ("rollout", "reward")   # at k >= 1 these run in the rollout worker, off the trainer's clock
 # our aggregation <-> TRL loss_type with the same per-token normalisation
 LOSS_TYPES = {"grpo": "seq_mean_token_mean", "dapo": "token_mean"}
 
@@ -87,11 +98,11 @@ def summarize_lengths(lengths: List[int]) -> Dict[str, float]:
 class RlkitRunner:
     """An in-process rlkit ``Trainer`` on the workload; ``step()`` runs and records one RL step."""
 
-    def __init__(self, model_dir: str, rows, args, workdir: str):
+    def __init__(self, model_dir: str, rows, args, workdir: str, staleness: int = 0):
         from rlkit.config import load_config
         from rlkit.trainer import Trainer
 
-        self.args = args
+        self.args, self.k = args, staleness
         overrides = {
             "model.name_or_path": model_dir,
             "model.dtype": "float32",
@@ -119,6 +130,12 @@ class RlkitRunner:
             "trainer.log_completions": False,
             "trainer.save_final": False,
         }
+        if args.reward_isolation:
+            overrides["reward.isolation"] = args.reward_isolation
+        if staleness:  # one local rollout worker; its threads: rollout.worker_threads if the config has it
+            overrides.update({"rollout.max_staleness": staleness, "rollout.num_workers": 1, "trainer.run_name": f"bench_k{staleness}"})
+            if has_rollout_key("worker_threads"):
+                overrides["rollout.worker_threads"] = args.threads
         cfg = load_config([f"{k}={v}" for k, v in overrides.items()])  # trainer.mixed_precision defaults to "no"
         self.tr = Trainer(cfg, train_rows=[dict(r) for r in rows])
         self.initial = [p.detach().clone() for p in self.tr.unwrapped_lm.parameters()]
@@ -133,13 +150,15 @@ class RlkitRunner:
     def step(self) -> Dict[str, Any]:
         torch.set_num_threads(self.args.threads)
         before = self.opt_steps
+        w0 = children_cpu() if self.k else 0.0
         c0, t0 = time.process_time(), time.perf_counter()
         m = self.tr.step()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        cpu_worker = children_cpu() - w0 if self.k else 0.0
         st = {k: float(m.get(f"time/{k}", 0.0)) for k in STAGES if k != "other"}
-        st["other"] = wall - sum(st.values())
+        st["other"] = wall - sum(v for k, v in st.items() if not (self.k and k in WORKER_STAGES))
         rec = {
-            "step": wall, "cpu": cpu, **st, "warmup": len(self.steps) < self.args.warmup,
+            "step": wall, "cpu": cpu, "cpu_worker": cpu_worker, **st, "warmup": len(self.steps) < self.args.warmup,
             "completions": float(m.get("train/samples", float("nan"))), "optimizer_steps": self.opt_steps - before,
             "length_min": m.get("response_length/min"), "length_max": m.get("response_length/max"),
             "length_mean": m.get("response_length/mean"), "logprob_gap": m.get("logprob_gap/mean"),
@@ -153,7 +172,45 @@ class RlkitRunner:
         return {"score_pass": bool(tr.score_pass), "minibatches": tr.num_minibatches,
                 "weights_changed": weights_changed(self.initial, tr.unwrapped_lm),
                 "param_dtypes": sorted({str(p.dtype) for p in tr.unwrapped_lm.parameters()}),
-                "mixed_precision": str(tr.acc.mixed_precision), "threads_after": torch.get_num_threads()}
+                "mixed_precision": str(tr.acc.mixed_precision), "threads_after": torch.get_num_threads(),
+                **({"max_staleness": self.k, "worker_threads": worker_threads(self.args.threads)} if self.k else {})}
+
+    def close(self) -> None:
+        rollouts = getattr(self.tr, "rollouts", None)
+        if rollouts is not None and hasattr(rollouts, "close"):
+            rollouts.close()   # rollout workers exit (Trainer.train does this; step() alone does not)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's live children: the rollout worker of a k >= 1 trainer."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+    total = 0.0
+    for c in psutil.Process().children(recursive=True):
+        try:
+            t = c.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def has_rollout_key(name: str) -> bool:
+    from rlkit.config import RolloutConfig
+
+    return name in getattr(RolloutConfig, "__dataclass_fields__", {})
+
+
+def worker_threads(trainer_threads: int) -> int:
+    """Threads of the local rollout worker: ``rollout.worker_threads`` (set to ``--threads`` here) if the config has the
+    key, else rlkit/rollout/workers.py's ``thread_split`` of this machine's cores."""
+    if has_rollout_key("worker_threads"):
+        return trainer_threads
+    from rlkit.rollout.workers import thread_split
+
+    return thread_split(1)[1]
 
 
 # ----------------------------------------------------------------------- TRL
@@ -257,7 +314,7 @@ class TRLRunner:
                 st = {"rollout": g("_generate"), "reward": g("_calculate_rewards"), "score": 0.0,
                       "advantage": g("_generate_and_score_completions") - g("_generate") - g("_calculate_rewards"),
                       "train": g("training_step") - g("_prepare_inputs") + g("_clip_grad_norm") + g("optimizer.step"),
-                      "weight_sync": 0.0}
+                      "weight_sync": 0.0, "wait_for_rollout": 0.0, "weight_transfer": 0.0}
                 st["other"] = wall - sum(st.values())
                 b = runner.batches[-1] if runner.batches else {"n": 0, "lengths": []}
                 lens = summarize_lengths(b["lengths"])
@@ -331,25 +388,23 @@ def check(name: str, steps: List[Dict[str, Any]]) -> List[str]:
     return bad
 
 
-def table(ours: Dict[str, float], trl: Dict[str, float] | None, ours_min: Dict[str, float], trl_min: Dict[str, float] | None,
-          cpu_row: bool = True) -> str:
+def table(cols: Dict[str, Dict[str, float]], mins: Dict[str, Dict[str, float]], cpu_row: bool = True) -> str:
+    """One column per contender (median), ratios to TRL when present, then the minima."""
     def ratio(a, b):
         return f"{a / b:>10.2f}" if b > 1e-4 else f"{'-':>10}"
 
-    head = f"{'stage':<12} {'rlkit':>9}"
-    if trl:
-        head += f" {'TRL':>9} {'rlkit/TRL':>10}   | min: {'rlkit':>7} {'TRL':>7}"
-    else:
-        head += f"   | min: {'rlkit':>7}"
+    names = list(cols)
+    others = [n for n in names if n != "TRL"] if "TRL" in cols else []
+    head = f"{'stage':<16} " + " ".join(f"{n:>9}" for n in names)
+    head += "".join(f" {n + '/TRL':>10}" for n in others)
+    head += "   | min: " + " ".join(f"{n:>9}" for n in names)
     lines = [head, "-" * len(head)]
     for k in STAGES + ["step"] + (["cpu"] if cpu_row else []):
         if k == "step":
             lines.append("-" * len(head))
-        row = f"{k if k != 'cpu' else 'step CPU-s':<12} {ours[k]:>9.4f}"
-        if trl:
-            row += f" {trl[k]:>9.4f} {ratio(ours[k], trl[k])}   |      {ours_min[k]:>7.4f} {trl_min[k]:>7.4f}"
-        else:
-            row += f"   |      {ours_min[k]:>7.4f}"
+        row = f"{k if k != 'cpu' else 'step CPU-s':<16} " + " ".join(f"{cols[n].get(k, float('nan')):>9.4f}" for n in names)
+        row += "".join(ratio(cols[n][k], cols["TRL"][k]) if k in cols[n] else f"{'-':>10}" for n in others)
+        row += "   |      " + " ".join(f"{mins[n].get(k, float('nan')):>9.4f}" for n in names)
         lines.append(row)
     return "\n".join(lines)
 
@@ -368,6 +423,9 @@ def main(argv=None) -> int:
                    help="wall: time.perf_counter; cpu: every timer (ours, TRL's, rlkit's time/*) reads time.process_time, "
                         "the process's CPU seconds over all threads, which other processes on a shared machine barely change")
     p.add_argument("--no-trl", action="store_true", help="time rlkit only")
+    p.add_argument("--no-k1", action="store_true", help="skip the rollout.max_staleness=1 column")
+    p.add_argument("--reward-isolation", choices=["process", "thread", "none"], default=None,
+                   help="reward.isolation of every rlkit column (default: rlkit's default, process)")
     p.add_argument("--json", metavar="OUT", help="write settings, versions, per-step times and summaries here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -387,6 +445,7 @@ def main(argv=None) -> int:
     if args.clock == "cpu":  # rlkit's trainer and the TRL wrappers above all call time.perf_counter
         time.perf_counter = time.process_time
     with_trl = not args.no_trl and trl_available()
+    with_k1 = not args.no_k1 and args.clock == "wall" and has_rollout_key("max_staleness")
     vers = versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"threads: torch.set_num_threads({args.threads}) for both (os.cpu_count()={os.cpu_count()}, "
@@ -397,6 +456,13 @@ def main(argv=None) -> int:
           + (", interleaved step by step (TRL, rlkit, TRL, ...)" if with_trl else ""))
     if not with_trl:
         print("TRL: " + ("skipped (--no-trl)" if args.no_trl else "not importable; `pip install trl==1.16.0` to compare"))
+    if with_k1:
+        print(f"k=1: rollout.max_staleness=1, one local rollout worker with {worker_threads(args.threads)} thread(s), trainer "
+              f"{args.threads}; run after the interleaved phase on its own (its worker generates in the background, which "
+              "would slow an interleaved trainer), then rlkit k=0 again on its own ('k=0 seq') as a check on load drift")
+    else:
+        print("k=1: " + ("skipped (--no-k1)" if args.no_k1 else "skipped (--clock cpu counts the trainer process only, not "
+                         "its rollout worker)" if args.clock != "wall" else "skipped (this rlkit has no rollout.max_staleness)"))
 
     def progress(i, o, t=None):
         msg = f"  step {i + 1:>3}{' (warm-up)' if i < args.warmup else ''}: rlkit {o['step']:.3f}s"
@@ -423,8 +489,29 @@ def main(argv=None) -> int:
                 progress(i, ours.step())
         infos = {"rlkit": ours.info(), **({"trl": theirs.info()} if theirs else {})}
         runs = {"rlkit": ours.steps, **({"trl": theirs.steps} if theirs else {})}
+        loads = {"interleaved": os.getloadavg()[0]}
+        if with_k1:
+            k1 = RlkitRunner(model_dir, rows, args, os.path.join(tmp, "rlkit_k1"), staleness=1)
+            try:
+                for i in range(args.warmup + args.steps):
+                    o = k1.step()
+                    print(f"  k=1 step {i + 1:>3}{' (warm-up)' if i < args.warmup else ''}: {o['step']:.3f}s", file=sys.stderr,
+                          flush=True)
+                infos["rlkit_k1"] = k1.info()
+            finally:
+                k1.close()
+            runs["rlkit_k1"] = k1.steps
+            loads["k1"] = os.getloadavg()[0]
+            seq = RlkitRunner(model_dir, rows, args, os.path.join(tmp, "rlkit_seq"))
+            for i in range(args.warmup + args.steps):
+                o = seq.step()
+                print(f"  k=0 seq step {i + 1:>3}{' (warm-up)' if i < args.warmup else ''}: {o['step']:.3f}s", file=sys.stderr,
+                      flush=True)
+            runs["rlkit_seq"] = seq.steps
+            infos["rlkit_seq"] = seq.info()
+            loads["k0_seq"] = os.getloadavg()[0]
 
-    problems = check("rlkit", runs["rlkit"]) + (check("trl", runs["trl"]) if theirs else [])
+    problems = [p for who in runs for p in check(who, runs[who])]
     problems += [f"{who}: the weights never changed" for who, info in infos.items() if not info["weights_changed"]]
     med_o, min_o = stat(runs["rlkit"], statistics.median), stat(runs["rlkit"], min)
     med_t = stat(runs["trl"], statistics.median) if theirs else None
@@ -433,7 +520,12 @@ def main(argv=None) -> int:
     print(f"{'wall' if args.clock == 'wall' else 'CPU'} seconds per step: median (and min) over {len(timed(runs['rlkit']))} "
           f"timed steps per trainer; stage medians need not add up to the step median"
           + ("; 'step CPU-s' = process CPU time per step (all threads)" if args.clock == "wall" else ""))
-    print(table(med_o, med_t, min_o, min_t, cpu_row=args.clock == "wall"))
+    label = {"rlkit": "k=0", "trl": "TRL", "rlkit_k1": "k=1", "rlkit_seq": "k=0 seq"}
+    cols = {label[w]: stat(runs[w], statistics.median) for w in runs}
+    mins = {label[w]: stat(runs[w], min) for w in runs}
+    print(table(cols, mins, cpu_row=args.clock == "wall"))
+    if with_k1:
+        print("k=1: rollout and reward are the worker's time (overlapped, not part of the step); 'other' excludes them")
     ratio = paired = None
     if theirs:
         ratio = med_o["step"] / med_t["step"]
@@ -442,6 +534,19 @@ def main(argv=None) -> int:
         print(f"\nrlkit / TRL step time: {ratio:.2f}x (ratio of medians); {paired:.2f}x (median of per-step ratios, "
               f"adjacent steps); {min_o['step'] / min_t['step']:.2f}x (ratio of minima)"
               + (f"; {med_o['cpu'] / med_t['cpu']:.2f}x (CPU time, ratio of medians)" if args.clock == "wall" else ""))
+    k1_ratio = None
+    if "rlkit_k1" in runs:
+        m1 = cols["k=1"]["step"]
+        k1_ratio = m1 / med_t["step"] if theirs else None
+        cw = statistics.median([s["cpu_worker"] for s in timed(runs["rlkit_k1"])])
+        crit = max(cols["k=1"]["cpu"], cw)
+        print(f"CPU seconds per step, k=1: trainer {cols['k=1']['cpu']:.4f}, rollout worker {cw:.4f}; on idle cores a k=1 step "
+              f"takes about the larger, {crit:.4f}: " + (f"{crit / med_t['cpu']:.2f}x TRL's CPU seconds per step, " if theirs else "")
+              + f"{crit / med_o['cpu']:.2f}x rlkit k=0's (a load-independent estimate)")
+        print(f"rlkit k=1 step time: {m1:.4f}s; "
+              + (f"{k1_ratio:.2f}x TRL (target <= 0.5x); " if theirs else "")
+              + f"{m1 / med_o['step']:.2f}x rlkit k=0 interleaved, {m1 / cols['k=0 seq']['step']:.2f}x k=0 seq "
+              f"(load average at the end of each phase: " + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()) + ")")
     for who, info in infos.items():
         print(f"{who}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     gaps = [s["logprob_gap"] for s in timed(runs["rlkit"]) if s.get("logprob_gap") is not None]
@@ -450,7 +555,7 @@ def main(argv=None) -> int:
     if problems:
         print("\nFAIRNESS CHECK FAILED:\n  " + "\n  ".join(problems[:20]))
     else:
-        print(f"fairness: every timed step of {'both trainers' if theirs else 'rlkit'} had {PROMPTS * SAMPLES} completions of "
+        print(f"fairness: every timed step of {', '.join(runs)} had {PROMPTS * SAMPLES} completions of "
               f"exactly {NEW_TOKENS} tokens and one optimizer step" + (", and TRL ran one log-prob forward" if theirs else ""))
 
     if args.json:
@@ -460,7 +565,8 @@ def main(argv=None) -> int:
                             "warmup": args.warmup, "steps": args.steps, "interleaved": bool(theirs)},
                "median_s": {"rlkit": med_o, **({"trl": med_t} if theirs else {})},
                "min_s": {"rlkit": min_o, **({"trl": min_t} if theirs else {})},
-               "ratio_rlkit_over_trl": ratio, "paired_ratio_median": paired,
+               "ratio_rlkit_over_trl": ratio, "paired_ratio_median": paired, "ratio_k1_over_trl": k1_ratio,
+               "median_s_all": cols, "min_s_all": mins, "load_average": loads,
                "info": infos, "per_step": runs, "fairness_problems": problems}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

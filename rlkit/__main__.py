@@ -60,6 +60,8 @@ COMMANDS = [  # the help text and the unknown-command message both list these
     "  convert-gguf SRC [OUT]  GGUF file (or installed package shipping one) -> HF model directory",
     "  launch [accelerate launch args] launch/train.py k=v  accelerate's launcher; a failing rank's one-line",
     "                          error is all that is printed (no launcher traceback), with the rank's exit code",
+    "  rollout-worker recipe=... k=v --listen HOST:PORT  serve a trainer as a remote rollout worker",
+    "                          (rollout.max_staleness >= 1, rollout.worker_addresses; docs/async.md)",
 ]
 
 
@@ -94,6 +96,10 @@ def main(argv=None) -> None:
         from .evaluation import main as eval_main
 
         eval_main(rest)
+    elif cmd == "rollout-worker":
+        from .rollout.workers import cli_main as worker_cli
+
+        worker_cli(rest)
     else:
         from .registry import suggest
 

@@ -119,6 +119,12 @@ class RolloutConfig:
     max_logprob_gap_warn: float = 1e-4     # warns above max(this, logprob_gap_relative / 2 x the first step's gap)
     max_logprob_gap_error: float = 1e-3    # absolute (fp32: a correct sync measures ~3e-7, one skipped sync 1e-3..0.2)
     logprob_gap_relative: Optional[float] = 10.0   # x the first step's gap (bf16/fp16 engines); null = absolute only
+    # asynchronous rollouts (docs/async.md): 0 = in-line, today's path bit for bit; k >= 1 = rollout workers run
+    # ahead and a batch is trained at most k weight versions after the one that generated it
+    max_staleness: int = 0
+    num_workers: int = 1                   # local rollout workers per trainer rank (k >= 1)
+    worker_addresses: List[str] = field(default_factory=list)   # "host:port" per worker; empty = spawn local workers
+    worker_device: str = "auto"            # the workers' torch device; auto = the trainer's
 
 
 @dataclass
@@ -681,6 +687,15 @@ def validate_ranges(cfg: RLConfig) -> None:
     check("rollout.max_logprob_gap_error", r.max_logprob_gap_error, lambda v: v > 0, "> 0")
     if r.logprob_gap_relative is not None:
         check("rollout.logprob_gap_relative", r.logprob_gap_relative, lambda v: v > 1, "> 1 (or null = absolute only)")
+    check("rollout.max_staleness", r.max_staleness, lambda v: v >= 0, ">= 0 (0 = in-line rollouts)")
+    check("rollout.num_workers", r.num_workers, lambda v: v >= 1, ">= 1")
+    if r.max_staleness >= 1 and cfg.model.lora.enabled:
+        raise ConfigError(f"rollout.max_staleness={r.max_staleness}: model.lora.enabled is not supported with rollout "
+                          "workers (they hold full weights); use max_staleness: 0 with LoRA")
+    for i, addr in enumerate(r.worker_addresses):
+        host, _, port = str(addr).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"rollout.worker_addresses[{i}] must be \"host:port\", got {addr!r}")
     check("data.max_prompt_tokens", d.max_prompt_tokens, lambda v: v >= 1, ">= 1")
     for key, v in (("data.max_rows", d.max_rows), ("data.eval_max_rows", d.eval_max_rows), ("eval.max_prompts", e.max_prompts),
                    ("eval.max_new_tokens", e.max_new_tokens)):

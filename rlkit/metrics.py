@@ -88,6 +88,19 @@ class MetricSums:
         out.update(parts[0]["values"])
         return out
 
+    def merge(self, raw) -> None:
+        """Add another MetricSums' ``_raw()`` partials (a rollout worker's) into this one."""
+        for k, v in raw.get("sums", {}).items():
+            self.sums[k] += v
+        for k, v in raw.get("counts", {}).items():
+            self.counts[k] += v
+        for k, v in raw.get("totals", {}).items():
+            self.totals[k] += v
+        for k, v in raw.get("maxes", {}).items():
+            self.max(k, v)
+        for k, v in raw.get("mins", {}).items():
+            self.min(k, v)
+
     def _raw(self):
         return {"sums": dict(self.sums), "counts": dict(self.counts), "maxes": dict(self.maxes), "mins": dict(self.mins),
                 "values": dict(self.values), "totals": dict(self.totals)}

@@ -32,7 +32,9 @@ SIZES = {
 # ``toy:<size>-hint``: copies a hint, ``"answer: x " + prompt`` -> x (x a random letter, unrelated to the prompt), and
 #     never saw a prompt without a hint: OPSD's tiny profile, whose teacher reads the hint and whose student does not.
 ECHO_SFT_STEPS = 100
-VARIANTS = ("-echo", "-hint")
+# ``toy:<size>-tool``: a chat model (printable-ASCII vocabulary, chat template with tools=) that writes Hermes tool
+#     calls, for recipes/grpo_gsm8k_tool.yaml's tiny profile (rlkit/envs/toy_tool.py).
+VARIANTS = ("-echo", "-hint", "-tool")
 
 
 def cache_dir() -> str:
@@ -125,10 +127,15 @@ def resolve(name_or_path: str) -> str:
     size = name[:len(name) - len(variant)]
     if size not in SIZES:
         raise ValueError(f"unknown toy model {name_or_path!r}; known: {', '.join('toy:' + s for s in SIZES)} "
-                         f"(and toy:<size>-echo, toy:<size>-hint)")
+                         f"(and toy:<size>-echo, toy:<size>-hint, toy:<size>-tool)")
     path = os.path.join(cache_dir(), f"toy-{name}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_model_dir(path, size, echo_steps=ECHO_SFT_STEPS if variant else 0, hint=variant == "-hint")
+        if variant == "-tool":
+            from .envs.toy_tool import make_tool_model_dir
+
+            make_tool_model_dir(path, size, SIZES)
+        else:
+            make_model_dir(path, size, echo_steps=ECHO_SFT_STEPS if variant else 0, hint=variant == "-hint")
     return path
 
 

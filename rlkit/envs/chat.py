@@ -9,13 +9,48 @@ the concatenation of token ids.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import json
+from typing import Any, Dict, List, Optional
 
 _MARK = "\u2063RLKIT_TURN_END\u2063"
+_PROBE = "rlkit_probe_tool"
+
+# Qwen2.5's tool preamble (Hermes format): what a template without tools= support gets in its system message
+TOOLS_SYSTEM = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, "
+                "\"arguments\": <args-json-object>}}\n</tool_call>")
 
 
 def has_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
+
+
+def template_renders_tools(tok) -> bool:
+    """Whether the chat template uses ``tools=`` at all (SmolLM2's, for one, silently ignores it)."""
+    probe = {"type": "function", "function": {"name": _PROBE, "description": "probe",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[probe], tokenize=False,
+                                       add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that chokes on tools= does not support them either
+        return False
+    return _PROBE in text
+
+
+def tools_in_system_message(prompt: Any, schemas: List[Dict[str, Any]], system_prompt: Optional[str] = None
+                            ) -> List[Dict[str, Any]]:
+    """The prompt as messages whose system message carries the tools' schemas in the Hermes format
+    (:data:`TOOLS_SYSTEM`, appended to the prompt's own or ``data.system_prompt``'s system text): how the tools
+    reach a model whose chat template ignores ``tools=``."""
+    msgs = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    block = TOOLS_SYSTEM.format(tools="\n".join(json.dumps(s) for s in schemas))
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = f"{msgs[0]['content']}\n\n{block}"
+    else:
+        msgs.insert(0, {"role": "system", "content": f"{system_prompt}\n\n{block}" if system_prompt else block})
+    return msgs
 
 
 def observation_text(tok, messages: List[Dict[str, Any]], turn_ended_with_eos: bool) -> str:

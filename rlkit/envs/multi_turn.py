@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -36,7 +37,9 @@ from ..plugins import RolloutContext, RolloutStrategy
 from ..registry import ENVIRONMENTS, PluginError, register_rollout_strategy
 from ..rollout.strategies import PROMPT_COLUMNS_EXCLUDED
 from .base import Environment, StepResult
-from .chat import has_chat_template, observation_text
+from .chat import has_chat_template, observation_text, template_renders_tools, tools_in_system_message
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_environment(spec: str):
@@ -50,8 +53,6 @@ def resolve_environment(spec: str):
             mod = importlib.util.module_from_spec(s)
             s.loader.exec_module(mod)
         else:
-            import importlib
-
             mod = importlib.import_module(path)
         cls = getattr(mod, name, None)
         if cls is None:
@@ -124,12 +125,14 @@ class MultiTurn(RolloutStrategy):
         except PluginError as e:
             raise ValueError(str(e)) from None
         self._prompt_cache: Dict[Any, List[int]] = {}
+        self._renders_tools: Optional[bool] = None        # does the chat template use tools=? (checked once)
         self.last_metrics: Dict[str, float] = {}
 
     # ------------------------------------------------------------ prompts
     def _prompt_ids(self, row, tok) -> List[int]:
         """The row's prompt ids, re-encoded with the tools' schemas through the chat template when the
-        environment has tools and the prompt is a chat (messages, or ``data.chat_template``)."""
+        environment has tools and the prompt is a chat (messages, or ``data.chat_template``): as ``tools=``, or, for
+        a template that ignores ``tools=`` (SmolLM2's), in the system message (:func:`.chat.tools_in_system_message`)."""
         schemas = getattr(self.env, "schemas", None)
         if not schemas or tok is None or not has_chat_template(tok):
             return list(row["prompt_ids"])
@@ -140,8 +143,18 @@ class MultiTurn(RolloutStrategy):
             return list(row["prompt_ids"])
         key = row.get("row_id", id(row))
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode_prompt(tok, row["prompt"], True, self.config_value("data", "system_prompt"),
-                                                    tools=schemas)
+            system = self.config_value("data", "system_prompt")
+            if self._renders_tools is None:
+                self._renders_tools = template_renders_tools(tok)
+                if not self._renders_tools:
+                    logger.warning("the chat template of %s ignores tools=; the tools' JSON schemas go into the system "
+                                   "message instead (Hermes format, rlkit.envs.chat.TOOLS_SYSTEM)",
+                                   getattr(tok, "name_or_path", "the tokenizer"))
+            if self._renders_tools:
+                ids = encode_prompt(tok, row["prompt"], True, system, tools=schemas)
+            else:
+                ids = encode_prompt(tok, tools_in_system_message(row["prompt"], schemas, system), True)
+            self._prompt_cache[key] = ids
         return self._prompt_cache[key]
 
     def _obs_ids(self, tok, obs, ended_with_eos: bool) -> tuple:

@@ -78,8 +78,9 @@ def resolve_tool(spec: Any) -> Callable:
 # ------------------------------------------------------------------- parsers
 @register_tool_parser("hermes")
 class HermesParser:
-    """``<tool_call>{"name": "f", "arguments": {...}}</tool_call>`` (Hermes, Qwen2.5/Qwen3 chat templates).
-    A turn ends at the closing tag (``stop``), so the model gets the result before it goes on."""
+    """``<tool_call>{"name": "f", "arguments": {...}}</tool_call>`` (Hermes, Qwen2.5/Qwen3 chat templates), or a
+    JSON list of such objects in one tag (SmolLM2).  A turn ends at the closing tag (``stop``), so the model gets
+    the result before it goes on."""
 
     stop = ["</tool_call>"]
     _re = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -93,21 +94,27 @@ class HermesParser:
             except json.JSONDecodeError as e:
                 out.errors.append(f"malformed tool call (invalid JSON: {e.msg})")
                 continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-                out.errors.append('malformed tool call (expected {"name": ..., "arguments": {...}})')
-                continue
-            args = obj.get("arguments", obj.get("parameters", {}))
-            if isinstance(args, str):  # some models emit the arguments as a JSON string
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    out.errors.append(f"malformed tool call to {obj['name']!r} (arguments are not a JSON object)")
-                    continue
-            if not isinstance(args, dict):
-                out.errors.append(f"malformed tool call to {obj['name']!r} (arguments are not a JSON object)")
-                continue
-            out.calls.append(ToolCall(obj["name"], args))
+            # one call, or a list of calls in one tag (SmolLM2's function-calling format)
+            for one in (obj if isinstance(obj, list) and obj else [obj]):
+                self._add(out, one)
         return out
+
+    @staticmethod
+    def _add(out: ParsedTurn, obj: Any) -> None:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            out.errors.append('malformed tool call (expected {"name": ..., "arguments": {...}})')
+            return
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):  # some models emit the arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                out.errors.append(f"malformed tool call to {obj['name']!r} (arguments are not a JSON object)")
+                return
+        if not isinstance(args, dict):
+            out.errors.append(f"malformed tool call to {obj['name']!r} (arguments are not a JSON object)")
+            return
+        out.calls.append(ToolCall(obj["name"], args))
 
 
 # ------------------------------------------------------------------- built-in tools
