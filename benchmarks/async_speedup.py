@@ -111,22 +111,6 @@ def overrides(k: int, seed: int, steps: int, out_dir: str, word: str, new_tokens
 
 
 # ----------------------------------------------------------------------------------------------------- one run
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's live child processes (the rollout worker at k >= 1)."""
-    try:
-        import psutil
-    except ImportError:
-        return float("nan")
-    total = 0.0
-    for c in psutil.Process().children(recursive=True):
-        try:
-            t = c.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def one_run(args) -> Dict[str, Any]:
     """Runs in its own subprocess: one Trainer.train() with per-step wall times; returns its record."""
     import logging
@@ -145,6 +129,7 @@ def one_run(args) -> Dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
     from rlkit.config import load_config
     from rlkit.trainer import Trainer
+    from step_time import children_cpu  # this script's directory is on sys.path
 
     rows = [{"question": p, "answer": args.word} for p in PROMPTS]
     with tempfile.TemporaryDirectory(prefix="rlkit_async_") as tmp:

@@ -100,6 +100,12 @@ def make_model_dir(path: str, size: str = "tiny", seed: int = 0, echo_steps: int
         model = LlamaForCausalLM(cfg)
         if echo_steps:
             _sft_echo(model, tok, echo_steps, hint=hint)
+    return save_model_dir(model, tok, path)
+
+
+def save_model_dir(model, tok, path: str) -> str:
+    """Write a model directory atomically (a temporary directory renamed into place); when another process made
+    ``path`` first, keep theirs."""
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

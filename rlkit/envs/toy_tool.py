@@ -123,9 +123,6 @@ def _sft(model, tok, steps: int, seed: int = 1, batch: int = 16, lr: float = 1e-
 
 def make_tool_model_dir(path: str, size: str, sizes: Dict[str, dict], steps: int = TOOL_SFT_STEPS, seed: int = 0) -> str:
     """Write the ``toy:<size>-tool`` model + tokenizer (with chat template) in HF format to ``path``."""
-    import os
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,12 +135,6 @@ def make_tool_model_dir(path: str, size: str, sizes: Dict[str, dict], steps: int
         model = LlamaForCausalLM(cfg)
         _sft(model, tok, steps)
     model.generation_config.eos_token_id = tok.eos_token_id
-    tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    from ..toy import save_model_dir
+
+    return save_model_dir(model, tok, path)
